@@ -1,0 +1,54 @@
+"""charon's VICI replies -> observed values. Pure: VICI values arrive as bytes, leave as str/int."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from ...model import ObservedSA
+from .render import OWNER_PREFIX
+
+
+def text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def owned_names(reply: Mapping, list_key: str) -> frozenset[str]:
+    """Names from a get-conns ({"conns": [...]}) or get-shared ({"keys": [...]}) reply that are ours."""
+    names = (text(name) for name in reply.get(list_key, ()))
+    return frozenset(name for name in names if name.startswith(OWNER_PREFIX))
+
+
+def ike_sas(list_sa_events: Iterable[Mapping]) -> dict[str, tuple[ObservedSA, ...]]:
+    """list-sas streams one event per IKE SA: {conn name: {uniqueid, state, child-sas, ...}}."""
+    by_conn: dict[str, list[ObservedSA]] = {}
+    for event in list_sa_events:
+        for name, details in event.items():
+            name = text(name)
+            if not name.startswith(OWNER_PREFIX):
+                continue
+            by_conn.setdefault(name, []).append(_ike_sa(name, details))
+    return {name: tuple(sas) for name, sas in by_conn.items()}
+
+
+def _ike_sa(name: str, details: Mapping) -> ObservedSA:
+    children = details.get("child-sas", {}) or {}
+    installed = tuple(sorted(text(child.get("name", b"")) for child in children.values()
+                             if text(child.get("state", b"")) == "INSTALLED"))
+    established = details.get("established")
+    return ObservedSA(
+        conn_name=name,
+        unique_id=text(details.get("uniqueid", b"")),
+        state=text(details.get("state", b"")),
+        established_seconds=int(text(established)) if established is not None else None,
+        installed_children=installed,
+    )
+
+
+def event_conn_names(message: Mapping) -> frozenset[str]:
+    """Connection names an ike-updown/child-updown/rekey event is about (the dict-valued keys)."""
+    return frozenset(text(key) for key, value in message.items() if isinstance(value, Mapping))
+
+
+def load_key_id(reply: Mapping) -> str | None:
+    key_id = reply.get("id")
+    return text(key_id) if key_id is not None else None

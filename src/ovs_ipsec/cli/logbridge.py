@@ -1,0 +1,39 @@
+"""Python logging -> OVS's vlog, so --log-file, -v and `vlog/reopen` (logrotate) behave as upstream's."""
+
+from __future__ import annotations
+
+import logging
+
+import ovs.vlog
+
+_LEVELS = ((logging.CRITICAL, "emer"), (logging.ERROR, "err"), (logging.WARNING, "warn"),
+           (logging.INFO, "info"), (logging.DEBUG, "dbg"))
+
+
+class VlogHandler(logging.Handler):
+    def __init__(self, module: str) -> None:
+        super().__init__()
+        self._vlog = ovs.vlog.Vlog(module)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            for level, method in _LEVELS:
+                if record.levelno >= level:
+                    getattr(self._vlog, method)(message)
+                    return
+            self._vlog.dbg(message)
+        except Exception:  # logging must never take the daemon down
+            self.handleError(record)
+
+
+def install(module: str) -> None:
+    """Route the `ovs_ipsec` loggers to vlog module `module`.
+
+    Not the root logger: ovs.vlog writes through Python logging itself, and would loop.
+    """
+    logger = logging.getLogger("ovs_ipsec")
+    logger.handlers[:] = [VlogHandler(module)]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)  # vlog's own levels (-v, vlog/set) decide what is written

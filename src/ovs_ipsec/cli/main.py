@@ -1,0 +1,171 @@
+"""`ovs-ipsec` (monitor | status | pki) and `ovs-monitor-ipsec` (upstream's command line).
+
+Wiring happens here, once: the objects are built from the arguments and handed to each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from .. import __version__
+from ..errors import OvsIpsecError
+
+MONITOR_PROGRAM = "ovs-monitor-ipsec"
+DEFAULT_DATABASE = "unix:/var/run/openvswitch/db.sock"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ovs-ipsec", description="Encrypt Open vSwitch tunnels with IPsec.")
+    parser.add_argument("--version", action="version", version=f"ovs-ipsec {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_monitor_arguments(commands.add_parser("monitor", help="run the IPsec monitor daemon"))
+    status = commands.add_parser("status", help="show every tunnel's IPsec state")
+    status.add_argument("--unixctl", help="the monitor's control socket (default: found through its pidfile)")
+    status.add_argument("--json", action="store_true", help="print the stable JSON form")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                        help="refresh the table every SECONDS (default 2)")
+    status.set_defaults(func=run_status)
+    try:
+        from ..pki import cli as pki_cli
+    except ImportError:
+        pki_cli = None
+    if pki_cli is not None and hasattr(pki_cli, "add_parser"):
+        pki_cli.add_parser(commands)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def monitor_main(argv: list[str] | None = None) -> int:
+    """Upstream's `ovs-monitor-ipsec [options] DATABASE`."""
+    parser = argparse.ArgumentParser(prog=MONITOR_PROGRAM, description="Encrypt Open vSwitch tunnels with IPsec.")
+    add_monitor_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    import ovs.daemon
+    import ovs.util
+    import ovs.vlog
+
+    # The pidfile, control socket and log file names derive from the program name; use
+    # upstream's, so `ovs-appctl -t ovs-monitor-ipsec` and ovs-ctl find us.
+    ovs.util.PROGRAM_NAME = MONITOR_PROGRAM
+    parser.add_argument("database", metavar="DATABASE", nargs="?", default=DEFAULT_DATABASE,
+                        help=f"OVSDB remote (default {DEFAULT_DATABASE})")
+    parser.add_argument("--ike-daemon", choices=("strongswan", "libreswan"), default="strongswan")
+    parser.add_argument("--vici-uri", help="charon's VICI socket (default unix://<root-prefix>/var/run/charon.vici)")
+    parser.add_argument("--unixctl", help="control socket path (default <rundir>/ovs-monitor-ipsec.<pid>.ctl)")
+    parser.add_argument("--root-prefix", default="", help="prefix for the IKE daemon's paths (for testing)")
+    parser.add_argument("--no-restart-ike-daemon", action="store_true",
+                        help="accepted for compatibility: the IKE daemon is never restarted")
+    parser.add_argument("--command-timeout", type=int, default=120,
+                        help="seconds before a call to the IKE daemon is abandoned (capped at 30 for VICI)")
+    parser.add_argument("--resync-interval", type=float, default=60.0,
+                        help="seconds between full comparisons with the IKE daemon (default 60)")
+    for option in ("--ipsec-conf", "--root-ipsec-conf", "--ipsec-d", "--ipsec-secrets", "--ipsec-ctl"):
+        parser.add_argument(option, help="LibreSwan only")
+    parser.add_argument("--use-default-crypto", action="store_true", help="LibreSwan only")
+    ovs.vlog.add_args(parser)
+    ovs.daemon.add_args(parser)
+    parser.set_defaults(func=run_monitor)
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    import ovs.daemon
+    import ovs.vlog
+
+    from ..backends.strongswan.backend import StrongSwanBackend
+    from ..daemon.loop import Monitor
+    from ..daemon.reconciler import Reconciler
+    from ..ovsdb.reader import OvsdbReader
+    from ..pki.inspect import CertificateInspector
+    from . import logbridge
+
+    logbridge.install("ovs_ipsec")  # vlog modules must exist before vlog is initialised
+    ovs.vlog.handle_args(args)
+    ovs.daemon.handle_args(args)
+    if args.ike_daemon != "strongswan":
+        print(f"{MONITOR_PROGRAM}: the {args.ike_daemon} backend is not available in this version", file=sys.stderr)
+        return 1
+    vici_uri = args.vici_uri or f"unix://{args.root_prefix}/var/run/charon.vici"
+    try:
+        reader = OvsdbReader(args.database)
+        # Fork before any thread starts: threads do not survive fork().
+        ovs.daemon.daemonize()
+        backend = StrongSwanBackend(vici_uri, timeout=min(float(args.command_timeout), 30.0))
+        reconciler = Reconciler(backend, CertificateInspector(), resync_interval=args.resync_interval)
+        Monitor(reader, reconciler, args.unixctl).run()
+    except OvsIpsecError as exc:
+        print(f"{MONITOR_PROGRAM}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from ..status.render import render_table
+
+    try:
+        while True:
+            status = query_status(args.unixctl or default_unixctl_path())
+            if args.json:
+                print(json.dumps(status, indent=2, sort_keys=True))
+            else:
+                if args.watch:
+                    print("\033[H\033[J", end="")
+                print(render_table(status, time.time()), end="")
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+    except OvsIpsecError as exc:
+        print(f"ovs-ipsec status: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def default_unixctl_path() -> str:
+    import ovs.dirs
+
+    pidfile = os.path.join(ovs.dirs.RUNDIR, f"{MONITOR_PROGRAM}.pid")
+    try:
+        with open(pidfile) as handle:
+            pid = int(handle.read().strip())
+    except (OSError, ValueError) as exc:
+        raise OvsIpsecError(f"cannot find the monitor: {pidfile}: {exc} (use --unixctl)") from exc
+    return os.path.join(ovs.dirs.RUNDIR, f"{MONITOR_PROGRAM}.{pid}.ctl")
+
+
+def query_status(path: str, timeout: int = 10) -> dict:
+    import ovs.unixctl.client
+
+    def give_up(_signum, _frame):
+        raise OvsIpsecError(f"no answer from {path} within {timeout} s")
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(timeout)
+    try:
+        error, client = ovs.unixctl.client.UnixctlClient.create(path)
+        if error:
+            raise OvsIpsecError(f"cannot connect to {path}: {os.strerror(error)}")
+        try:
+            error, reply_error, reply = client.transact("tunnels/show", ["--json"])
+        finally:
+            client.close()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    if error or reply_error:
+        raise OvsIpsecError(f"{path}: {reply_error or os.strerror(error)}")
+    return json.loads(reply)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The main loop: OVSDB in, unixctl requests answered from the last status snapshot.
+
+Everything slow happens in the reconciler's thread; this loop only moves frozen values around,
+so `ovs-appctl` always gets an answer even while the IKE daemon is stuck.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ovs.poller
+import ovs.unixctl
+import ovs.unixctl.server
+
+from .. import __version__
+from ..errors import OvsIpsecError
+from ..ovsdb.reader import OvsdbReader
+from ..status.render import render_json, render_show
+from .reconciler import Reconciler
+
+log = logging.getLogger("ovs_ipsec.monitor")
+
+REFRESH_WAIT_SECONDS = 15.0
+
+
+class Monitor:
+    def __init__(self, reader: OvsdbReader, reconciler: Reconciler, unixctl_path: str | None) -> None:
+        self._reader = reader
+        self._reconciler = reconciler
+        self._exiting = False
+        self._register_commands()
+        error, self._server = ovs.unixctl.server.UnixctlServer.create(unixctl_path, version=__version__)
+        if error:
+            raise OvsIpsecError(f"could not create the unixctl socket {unixctl_path or '(default)'}")
+
+    def run(self) -> None:
+        self._reconciler.start()
+        try:
+            while not self._exiting:
+                self._server.run()
+                if self._exiting:
+                    break
+                if self._reader.run():
+                    self._reconciler.submit(self._reader.snapshot())
+                poller = ovs.poller.Poller()
+                self._server.wait(poller)
+                self._reader.wait(poller)
+                poller.block()
+        finally:
+            self._server.close()
+            self._reader.close()
+
+    # -- unixctl ---------------------------------------------------------------------------------
+
+    def _register_commands(self) -> None:
+        ovs.unixctl.command_register("tunnels/show", "[--json]", 0, 1, self._tunnels_show, None)
+        ovs.unixctl.command_register("ipsec/status", "", 0, 0, self._ipsec_status, None)
+        ovs.unixctl.command_register("refresh", "", 0, 0, self._refresh, None)
+        ovs.unixctl.command_register("exit", "[--no-cleanup]", 0, 1, self._exit, None)
+
+    def _tunnels_show(self, conn, argv, _aux) -> None:
+        if argv and argv != ["--json"]:
+            conn.reply_error(f"unrecognized parameter: {argv[0]} (usage: tunnels/show [--json])")
+            return
+        snapshot = self._reconciler.snapshot
+        conn.reply(render_json(snapshot) if argv else render_show(snapshot))
+
+    def _ipsec_status(self, conn, _argv, _aux) -> None:
+        conn.reply(render_json(self._reconciler.snapshot))
+
+    def _refresh(self, conn, _argv, _aux) -> None:
+        started = time.monotonic()
+        if self._reconciler.refresh(timeout=REFRESH_WAIT_SECONDS):
+            conn.reply(f"refreshed in {time.monotonic() - started:.2f} s\n")
+        else:
+            conn.reply(f"refresh still running after {REFRESH_WAIT_SECONDS:.0f} s; see the log\n")
+
+    def _exit(self, conn, argv, _aux) -> None:
+        if argv and argv != ["--no-cleanup"]:
+            # Upstream answered success here, so a typo silently did a full cleanup-less exit.
+            conn.reply_error(f"unrecognized parameter: {argv[0]} (usage: exit [--no-cleanup])")
+            return
+        cleanup = not argv
+        log.info("exiting%s", " and removing every connection we created" if cleanup else " (no cleanup)")
+        self._reconciler.stop(cleanup=cleanup)
+        self._exiting = True
+        conn.reply(None)

@@ -1,0 +1,322 @@
+"""The worker that converges the IKE daemon on what OVSDB says, one dirty tunnel at a time.
+
+It runs in its own thread so that the main loop (OVSDB, unixctl) never waits on the IKE daemon.
+Inputs arrive as frozen values through `submit()`, `mark_conns_dirty()` and `refresh()`; the
+output is a StatusSnapshot replaced atomically after each pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..backends.base import Backend
+from ..errors import BackendError
+from ..model import DesiredState, ObservedSA, ObservedState, Tunnel, ValidatedState
+from ..planner import (
+    Action, DesiredTunnel, Initiate, LoadConn, LoadSecret, Memory, UnloadConn, UnloadSecret,
+    is_initiator, plan, secret_digest,
+)
+from ..status.snapshot import StatusSnapshot, build_snapshot
+from ..validate import CertificateFacts, certificate_paths, validate
+from .backoff import Backoff
+
+log = logging.getLogger("ovs_ipsec.reconciler")
+
+# Observing every SA of a few tunnels one by one is cheaper than listing all of them; past this
+# many, one full listing wins.
+SCOPED_OBSERVE_LIMIT = 64
+
+
+@dataclass
+class _Inbox:
+    """What other threads hand to the worker; guarded by the reconciler's condition."""
+
+    desired: DesiredState | None = None
+    dirty_conns: set[str] = field(default_factory=set)
+    full_resync: bool = True
+    waiters: list[threading.Event] = field(default_factory=list)
+    stop: bool = False
+    cleanup: bool = False
+
+
+class Reconciler:
+    def __init__(self, backend: Backend, inspector, resync_interval: float = 60.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._backend = backend
+        self._inspector = inspector
+        self._resync_interval = resync_interval
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._inbox = _Inbox()
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        # Worker-only state below: touched by the worker thread alone.
+        self._desired_state: DesiredState | None = None
+        self._validated = ValidatedState((), ())
+        self._entries: dict[str, DesiredTunnel] = {}
+        self._memo: dict = {}
+        self._memo_context: object = None
+        self._observed = ObservedState(frozenset(), frozenset(), {}, {})
+        self._secret_digests: dict[str, str] = {}
+        self._backoff = Backoff()
+        self._errors: dict[str, str] = {}
+        self._progress: dict[str, tuple[bool, int]] = {}
+        self._last_resync = 0.0
+        self._daemon_error: str | None = None
+        self._reported: dict[str, tuple] = {}
+        self.snapshot = StatusSnapshot.empty()
+
+    # -- called from other threads ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._backend.start_events(self.mark_conns_dirty)
+
+    def submit(self, desired: DesiredState) -> None:
+        with self._cond:
+            self._inbox.desired = desired
+            self._cond.notify()
+
+    def mark_conns_dirty(self, conn_names: frozenset[str] | None) -> None:
+        """IKE daemon events: these connections changed; None: look at everything."""
+        with self._cond:
+            if conn_names is None:
+                self._inbox.full_resync = True
+            else:
+                self._inbox.dirty_conns |= conn_names
+            self._cond.notify()
+
+    def refresh(self, timeout: float = 30.0) -> bool:
+        """Full resync now; true once it completed within `timeout`."""
+        done = threading.Event()
+        with self._cond:
+            self._inbox.full_resync = True
+            self._inbox.waiters.append(done)
+            self._cond.notify()
+        return done.wait(timeout)
+
+    def stop(self, cleanup: bool, timeout: float = 60.0) -> None:
+        with self._cond:
+            self._inbox.stop = True
+            self._inbox.cleanup = cleanup
+            self._cond.notify()
+        self._thread.join(timeout)
+        self._backend.close()
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._has_work, timeout=self._sleep_time())
+                inbox, self._inbox = self._inbox, _Inbox(full_resync=False)
+            if inbox.stop:
+                if inbox.cleanup:
+                    self._remove_everything()
+                for waiter in inbox.waiters:
+                    waiter.set()
+                return
+            try:
+                self._pass(inbox)
+            except Exception:  # keep converging: one bug must not stop every tunnel
+                log.exception("reconcile pass failed")
+            for waiter in inbox.waiters:
+                waiter.set()
+
+    def _has_work(self) -> bool:
+        inbox = self._inbox
+        return bool(inbox.stop or inbox.desired or inbox.dirty_conns or inbox.full_resync or inbox.waiters)
+
+    def _sleep_time(self) -> float:
+        now = self._clock()
+        wake = self._last_resync + self._resync_interval
+        next_retry = self._backoff.next_deadline()
+        if next_retry is not None:
+            wake = min(wake, next_retry)
+        return max(0.0, wake - now) + 0.01
+
+    def _pass(self, inbox: _Inbox) -> None:
+        now = self._clock()
+        full = inbox.full_resync or now >= self._last_resync + self._resync_interval
+        dirty: set[str] = set(self._backoff.due(now))
+        if inbox.desired is not None:
+            self._desired_state = inbox.desired
+        if self._desired_state is None:
+            return  # nothing read from OVSDB yet: never act on an empty picture
+        if inbox.desired is not None or full:
+            dirty |= self._revalidate(now)
+        dirty |= {self._observed.owners.get(conn, "") for conn in inbox.dirty_conns}
+        dirty.discard("")
+        if not (full or dirty):
+            return
+        try:
+            self._observe(None if full or len(dirty) > SCOPED_OBSERVE_LIMIT else dirty)
+            self._daemon_error = None
+        except BackendError as exc:
+            self._daemon_unreachable(exc, now)
+            return
+        if full:
+            self._last_resync = now
+            dirty = set(self._entries) | set(self._observed.owners.values())
+        self._note_progress(dirty)
+        memory = Memory(self._secret_digests, self._backoff.not_before)
+        self._apply(plan(self._entries, self._observed, memory, now, scope=dirty), now)
+        if full:
+            self._backend.cleanup_credentials({e.tunnel.local_key_pem for e in self._entries.values()
+                                               if e.tunnel.local_key_pem})
+        self._publish(now)
+
+    def _revalidate(self, now: float) -> set[str]:
+        """Validate the desired state; return the tunnels whose desired form changed.
+
+        Certificate files are looked at again each time (the inspector re-reads a file only
+        when its inode, size or mtime changed), which is how in-place rotation is noticed.
+        """
+        desired = self._desired_state
+        facts = self._certificate_facts(desired)
+        context = (desired.global_config, facts, int(now // 3600))  # hourly: expiry is time-dependent
+        if context != self._memo_context:
+            self._memo, self._memo_context = {}, context
+        validated = validate(desired, facts, now, memo=self._memo)
+        entries = {t.name: self._entries_for(t) for t in validated.tunnels}
+        changed = {name for name in entries.keys() | self._entries.keys()
+                   if entries.get(name) != self._entries.get(name)}
+        for name in changed:
+            self._backoff.reset(name)
+            self._errors.pop(name, None)
+        self._validated, self._entries = validated, entries
+        for invalid in validated.invalid:
+            self._errors.pop(invalid.name, None)
+        return changed
+
+    def _entries_for(self, tunnel: Tunnel) -> DesiredTunnel:
+        previous = self._entries.get(tunnel.name)
+        if previous is not None and previous.tunnel == tunnel:
+            return previous  # rendering a name costs a hash; reuse it while nothing changed
+        return DesiredTunnel(tunnel, self._backend.conn_name(tunnel), self._backend.secret_id(tunnel),
+                             self._backend.children(tunnel), is_initiator(tunnel))
+
+    def _certificate_facts(self, desired: DesiredState) -> CertificateFacts:
+        certs, keys, chains = certificate_paths(desired)
+        return CertificateFacts(
+            certs={path: self._inspector.cert(path) for path in certs},
+            keys={path: self._inspector.key(path) for path in keys},
+            chains={pair: self._inspector.verify_chain(*pair) for pair in chains},
+        )
+
+    def _observe(self, scope: Iterable[str] | None) -> None:
+        if scope is None:
+            self._observed = self._backend.observe(None)
+            return
+        conns = {self._entries[name].conn_name for name in scope if name in self._entries}
+        conns |= {conn for conn, owner in self._observed.owners.items() if owner in scope}
+        fresh = self._backend.observe(conns)
+        sas = {name: sas for name, sas in self._observed.sas.items() if name not in conns}
+        sas.update(fresh.sas)
+        self._observed = ObservedState(fresh.conns, fresh.shared_secrets, sas, fresh.owners)
+
+    def _note_progress(self, names: Iterable[str]) -> None:
+        """An SA that came up since the last look cancels the tunnel's initiation backoff."""
+        for name in names:
+            entry = self._entries.get(name)
+            if entry is None:
+                self._progress.pop(name, None)
+                continue
+            up = [sa for sa in self._observed.sas_of(entry.conn_name) if sa.established]
+            progress = (bool(up), max((sa.child_sas_installed for sa in up), default=0))
+            if progress > self._progress.get(name, (False, 0)):
+                self._backoff.reset(name)
+            self._progress[name] = progress
+
+    def _apply(self, actions: tuple[Action, ...], now: float) -> None:
+        failed: set[str] = set()
+        for action in actions:
+            name = action.tunnel.name if hasattr(action, "tunnel") else action.tunnel_name
+            if name in failed:
+                continue  # later steps of a tunnel depend on the earlier ones
+            try:
+                self._backend.apply(action)
+            except BackendError as exc:
+                failed.add(name)
+                self._errors[name] = str(exc)
+                delay = self._backoff.failed(name, now)
+                log.warning("tunnel %s: %s (retry in %.0f s)", name, exc, delay)
+                if exc.transport:
+                    self._daemon_unreachable(exc, now)
+                    return
+                continue
+            self._record(action, now)
+        for name in {getattr(a, "tunnel", None) and a.tunnel.name for a in actions} - failed - {None}:
+            self._errors.pop(name, None)
+
+    def _record(self, action: Action, now: float) -> None:
+        """Keep the cached observation in step with what we just did, without asking again."""
+        observed = self._observed
+        conns, secrets, owners = set(observed.conns), set(observed.shared_secrets), dict(observed.owners)
+        sas = observed.sas
+        if isinstance(action, LoadSecret):
+            secrets.add(action.secret_id)
+            owners[action.secret_id] = action.tunnel.name
+            self._secret_digests[action.tunnel.name] = secret_digest(action.tunnel)
+            log.info("tunnel %s: loaded its pre-shared key", action.tunnel.name)
+        elif isinstance(action, UnloadSecret):
+            secrets.discard(action.secret_id)
+            owners.pop(action.secret_id, None)
+            self._secret_digests.pop(action.tunnel_name, None)
+        elif isinstance(action, LoadConn):
+            conns.add(action.conn_name)
+            owners[action.conn_name] = action.tunnel.name
+            log.info("tunnel %s: loaded connection %s", action.tunnel.name, action.conn_name)
+        elif isinstance(action, UnloadConn):
+            conns.discard(action.conn_name)
+            owners.pop(action.conn_name, None)
+            sas = {name: value for name, value in sas.items() if name != action.conn_name}
+            log.info("tunnel %s: removed connection %s", action.tunnel_name or "?", action.conn_name)
+        elif isinstance(action, Initiate):
+            # Until charon reports progress, do not initiate again before the backoff delay.
+            self._backoff.failed(action.tunnel.name, now)
+            log.info("tunnel %s: initiating %s/%s", action.tunnel.name, action.conn_name, action.child)
+            connecting = ObservedSA(action.conn_name, "", "CONNECTING", None, ())
+            if not any(sa.established for sa in sas.get(action.conn_name, ())):
+                sas = {**sas, action.conn_name: (connecting,)}
+        self._observed = ObservedState(frozenset(conns), frozenset(secrets), sas, owners)
+
+    def _daemon_unreachable(self, exc: BackendError, now: float) -> None:
+        if self._daemon_error != str(exc):
+            log.error("%s; retrying", exc)
+        self._daemon_error = str(exc)
+        # Whatever happened to it, look at everything again once it answers: a full resync
+        # is scheduled in a few seconds (not at once, which would spin while it is down).
+        self._last_resync = now - self._resync_interval + min(5.0, self._resync_interval)
+        self._publish(now)
+
+    def _remove_everything(self) -> None:
+        try:
+            observed = self._backend.observe(None)
+            for action in plan({}, observed, Memory({}, {}), self._clock()):
+                self._backend.apply(action)
+            self._backend.cleanup_credentials(())
+            log.info("removed every connection and secret this daemon created")
+        except BackendError as exc:
+            log.error("cleanup on exit incomplete: %s", exc)
+
+    def _publish(self, now: float) -> None:
+        snapshot = build_snapshot(self._validated, self._entries, self._observed, self._errors,
+                                  self._daemon_error, self._desired_state.global_config, self.snapshot, now)
+        self._log_transitions(snapshot)
+        self.snapshot = snapshot
+
+    def _log_transitions(self, snapshot: StatusSnapshot) -> None:
+        """One line per change of state or reason: an invalid tunnel is reported once, not per pass."""
+        current = {t.name: (t.state, t.reason) for t in snapshot.tunnels}
+        for name, (state, reason) in current.items():
+            if self._reported.get(name) != (state, reason):
+                suffix = f": {reason}" if reason else ""
+                level = logging.WARNING if state in ("invalid", "error") else logging.INFO
+                log.log(level, "tunnel %s: %s%s", name, state, suffix)
+        for name in self._reported.keys() - current.keys():
+            log.info("tunnel %s: removed", name)
+        self._reported = current

@@ -1,0 +1,147 @@
+"""The OVSDB adapter: a read-only IDL on the columns we use, and its snapshot as a DesiredState.
+
+The IDL lives in the main thread only (python-ovs is not thread safe); what leaves this module is
+frozen values. Rows are converted once and cached by UUID, so a change to one Interface among
+thousands costs one conversion, not thousands.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import ovs.db.idl
+import ovs.poller
+
+from ..errors import OvsIpsecError
+from ..model import DesiredState, GlobalConfig, InterfaceRow
+
+INTERFACE_COLUMNS = ["name", "type", "options", "ofport", "cfm_fault"]
+OPEN_VSWITCH_COLUMNS = ["other_config"]
+SCHEMA_FILES = ("/usr/share/openvswitch/vswitch.ovsschema", "/usr/local/share/openvswitch/vswitch.ovsschema")
+
+
+def fetch_schema(remote: str, timeout: float = 5.0) -> dict:
+    """Ask the server for the Open_vSwitch schema, so we never depend on a file matching it.
+
+    Only unix: and tcp: remotes are queried directly; for others the packaged schema is used.
+    """
+    kind, _, rest = remote.partition(":")
+    try:
+        if kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: object = rest
+        elif kind == "tcp":
+            host, _, port = rest.rpartition(":")
+            sock = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
+            address = (host.strip("[]"), int(port))
+        else:
+            return _schema_from_file(remote)
+        with sock:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            sock.sendall(json.dumps({"method": "get_schema", "params": ["Open_vSwitch"], "id": 0}).encode())
+            return _read_json_reply(sock)["result"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise OvsIpsecError(f"cannot read the Open_vSwitch schema from {remote}: {exc}") from exc
+
+
+def _read_json_reply(sock: socket.socket) -> dict:
+    decoder = json.JSONDecoder()
+    buffer = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ValueError("connection closed before a complete reply")
+        buffer += chunk
+        try:
+            reply, _ = decoder.raw_decode(buffer.decode())
+            return reply
+        except ValueError:
+            continue  # incomplete JSON: read more
+
+
+def _schema_from_file(remote: str) -> dict:
+    for path in SCHEMA_FILES:
+        try:
+            with open(path) as handle:
+                return json.load(handle)
+        except OSError:
+            continue
+    raise OvsIpsecError(f"remote {remote} is not unix: or tcp:, and no vswitch.ovsschema was found")
+
+
+class _TrackingIdl(ovs.db.idl.Idl):
+    """An IDL that remembers which Interface rows changed since the last snapshot."""
+
+    def __init__(self, remote: str, schema_helper: ovs.db.idl.SchemaHelper) -> None:
+        super().__init__(remote, schema_helper)
+        self.changed_interfaces: set = set()
+
+    def notify(self, event, row, updates=None):  # noqa: D401 - python-ovs hook
+        if row._table.name == "Interface":
+            self.changed_interfaces.add(row.uuid)
+
+
+class OvsdbReader:
+    """Owns the IDL connection; `run()` then `snapshot()` when `changed`."""
+
+    def __init__(self, remote: str) -> None:
+        helper = ovs.db.idl.SchemaHelper(schema_json=fetch_schema(remote))
+        helper.register_columns("Interface", INTERFACE_COLUMNS)
+        helper.register_columns("Open_vSwitch", OPEN_VSWITCH_COLUMNS)
+        self._idl = _TrackingIdl(remote, helper)
+        self._rows: dict = {}
+        self._seen_seqno = -1
+
+    def run(self) -> bool:
+        """Process what the server sent; true when a new snapshot is available."""
+        self._idl.run()
+        return self._idl.has_ever_connected() and self._idl.change_seqno != self._seen_seqno
+
+    def wait(self, poller: ovs.poller.Poller) -> None:
+        self._idl.wait(poller)
+
+    def close(self) -> None:
+        self._idl.close()
+
+    def snapshot(self) -> DesiredState:
+        self._seen_seqno = self._idl.change_seqno
+        changed, self._idl.changed_interfaces = self._idl.changed_interfaces, set()
+        current = self._idl.tables["Interface"].rows
+        rows = {}
+        for uuid, row in current.items():
+            cached = self._rows.get(uuid)
+            rows[uuid] = cached if cached is not None and uuid not in changed else interface_from_row(row)
+        self._rows = rows
+        interfaces = tuple(sorted(rows.values(), key=lambda r: r.name))
+        return DesiredState(global_config=self._global_config(), interfaces=interfaces)
+
+    def _global_config(self) -> GlobalConfig:
+        other_config: dict = {}
+        for row in self._idl.tables["Open_vSwitch"].rows.values():
+            other_config = dict(row.other_config)  # one row in practice; upstream: last one wins
+        return global_config_from(other_config)
+
+
+def interface_from_row(row) -> InterfaceRow:
+    ofport = row.ofport[0] if row.ofport else None
+    cfm_fault = row.cfm_fault[0] if row.cfm_fault else None
+    return InterfaceRow(
+        name=row.name,
+        type=row.type,
+        options=tuple(sorted(row.options.items())),
+        ofport=ofport if ofport is not None and ofport >= 0 else None,
+        cfm_fault=cfm_fault,
+    )
+
+
+def global_config_from(other_config: dict[str, str]) -> GlobalConfig:
+    # `default_ipsec_skb_mark` is the name some older deployments used; the documented key wins.
+    skb_mark = other_config.get("ipsec_skb_mark", other_config.get("default_ipsec_skb_mark"))
+    return GlobalConfig(
+        certificate=other_config.get("certificate") or None,
+        private_key=other_config.get("private_key") or None,
+        ca_cert=other_config.get("ca_cert") or None,
+        skb_mark=skb_mark or None,
+    )

@@ -1,0 +1,95 @@
+"""Status snapshot -> text for people (upstream's tunnels/show layout, a table) and JSON for tools.
+
+Pure. No secret is ever printed: a PSK shows as a mask, keys only as paths.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..model import TunnelState
+from .snapshot import StatusSnapshot, TunnelStatus
+
+PSK_MASK = "<hidden>"
+
+
+def render_json(snapshot: StatusSnapshot) -> str:
+    return json.dumps(snapshot.as_json(), indent=2, sort_keys=True) + "\n"
+
+
+def render_show(snapshot: StatusSnapshot) -> str:
+    """`tunnels/show` in upstream's layout, so existing habits and scripts keep working.
+
+    The "v1" version field is kept for layout compatibility; connection names here derive from
+    the tunnel's parameters, so there is no version counter behind it.
+    """
+    if not snapshot.tunnels:
+        return "No tunnels configured with IPsec\n"
+    config = snapshot.global_config
+    blocks = []
+    for tunnel in snapshot.tunnels:
+        if tunnel.state is TunnelState.INVALID:
+            header = f"Interface name: {tunnel.name} v1 (INVALID: {tunnel.reason})"
+        else:
+            header = f"Interface name: {tunnel.name} v1 (CONFIGURED)"
+        certificate_mode = tunnel.auth in ("peer-cert", "ca-cert")
+        fields = [
+            ("Tunnel Type", tunnel.type),
+            ("Local IP", tunnel.local_ip or "%any"),
+            ("Remote IP", tunnel.remote_ip),
+            ("Address Family", _family(tunnel)),
+            ("SKB mark", config.skb_mark),
+            ("Local cert", config.certificate if certificate_mode else None),
+            ("Local name", tunnel.local_name),
+            ("Local key", config.private_key if certificate_mode else None),
+            ("Remote cert", "(pinned certificate)" if tunnel.remote_cert else None),
+            ("Remote name", tunnel.remote_name),
+            ("CA cert", config.ca_cert if tunnel.auth == "ca-cert" else None),
+            ("PSK", PSK_MASK if tunnel.auth == "psk" else None),
+            ("Custom Options", "{" + ", ".join(f"'{k}': '{v}'" for k, v in tunnel.ike_options) + "}"),
+            ("Ofport", tunnel.ofport if tunnel.ofport is not None else "Not assigned"),
+            ("CFM state", {None: "Disabled", False: "Up", True: "Down"}[tunnel.cfm_fault]),
+            ("State", tunnel.state.value + (f": {tunnel.reason}" if tunnel.reason else "")),
+            ("Connection", tunnel.conn),
+        ]
+        lines = [header] + [f"  {label + ':':<16}{_none(value)}" for label, value in fields]
+        lines.append("IPsec connections that are active:")
+        lines += [f"  {line}" for line in tunnel.sa_lines]
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+def render_table(status: dict, now: float) -> str:
+    """A table from the status JSON (the stable interface): one line per tunnel, reason last."""
+    header = ("NAME", "TYPE", "LOCAL", "REMOTE", "AUTH", "STATE", "IKE", "CHILD", "SINCE", "REASON")
+    rows = [header]
+    for tunnel in status.get("tunnels", []):
+        rows.append((tunnel["name"], tunnel["type"], tunnel["local_ip"] or "-", tunnel["remote_ip"] or "-",
+                     tunnel["auth"] or "-", tunnel["state"], str(tunnel["ike_sas"]), str(tunnel["child_sas"]),
+                     _age(tunnel.get("since"), now), tunnel["reason"] or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
+    daemon = status.get("ike_daemon") or {}
+    if daemon.get("error"):
+        out.append(f"IKE daemon: {daemon['error']}")
+    return "\n".join(line.rstrip() for line in out) + "\n"
+
+
+def _family(tunnel: TunnelStatus) -> str:
+    if not tunnel.remote_ip:
+        return "None"
+    return "IPv6" if ":" in tunnel.remote_ip else "IPv4"
+
+
+def _none(value: object) -> str:
+    return "None" if value is None else str(value)
+
+
+def _age(since: float | None, now: float) -> str:
+    if since is None:
+        return "-"
+    seconds = max(0, int(now - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
