@@ -155,10 +155,9 @@ class ObservedSA:
 class ObservedState:
     """What the IKE daemon holds: only objects carrying our ownership marker are listed."""
 
-    conns: frozenset[str]
+    conns: Mapping[str, frozenset[str]]  # connection name -> names of its child configs
     shared_secrets: frozenset[str]
-    sas: Mapping[str, tuple[ObservedSA, ...]]  # conn name -> its IKE SAs
-    owners: Mapping[str, str]  # conn or secret name -> the tunnel it belongs to
+    sas: Mapping[str, tuple[ObservedSA, ...]]  # connection name -> its IKE SAs
 
     def sas_of(self, conn_name: str) -> tuple[ObservedSA, ...]:
         return self.sas.get(conn_name, ())

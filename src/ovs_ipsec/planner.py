@@ -1,73 +1,100 @@
 """Desired vs observed -> the ordered actions that converge them. Pure: `now` and memory injected.
 
+The unit of IKE work is a *peering*: every tunnel between the same two endpoints with the same
+authentication shares one IKE connection, and each tunnel adds its own child SAs. (Two IKE
+connections with identical identities cannot coexist: the responder would pick one of them for
+both, and refuse the other's traffic selectors.) Adding or removing a tunnel changes only its
+own children; the peering's IKE SA and the other tunnels' child SAs stay up.
+
 Level-triggered, in the controller-runtime sense: the plan is computed from the current desired
-and observed state of the tunnels in scope, never from the event that woke us. Only objects with
-our ownership marker are ever listed in ObservedState, so nothing foreign can be planned away.
+and observed state of the peerings in scope, never from the event that woke us. Only objects
+with our ownership marker are ever observed, so nothing foreign can be planned away.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from .model import AuthMethod, ObservedState, Tunnel
+from .model import AuthMethod, Invalid, ObservedState, Tunnel
 
 
 @dataclass(frozen=True)
-class DesiredTunnel:
-    """A valid tunnel with the names its backend gives it."""
+class Peering:
+    """One IKE connection and the tunnels that share it."""
 
-    tunnel: Tunnel
     conn_name: str
-    secret_id: str | None  # None: certificate tunnels have no shared secret
-    children: tuple[str, ...]
+    secret_id: str | None  # None: certificate peerings have no shared secret
+    tunnels: tuple[Tunnel, ...]  # sorted by name
+    children: tuple[tuple[str, str], ...]  # (child name, tunnel name), in initiation order
     initiator: bool
+
+    @property
+    def psk(self) -> str | None:
+        return self.tunnels[0].psk
+
+    def children_of(self, tunnel_name: str) -> tuple[str, ...]:
+        return tuple(child for child, owner in self.children if owner == tunnel_name)
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How a backend names things; pure functions, so the planner stays backend-neutral."""
+
+    conn_name: Callable[[Tunnel], str]  # equal for tunnels that can share an IKE connection
+    secret_id: Callable[[Tunnel], str | None]
+    child_names: Callable[[Tunnel], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
 class LoadSecret:
-    tunnel: Tunnel
-    secret_id: str
+    peering: Peering
 
 
 @dataclass(frozen=True)
 class UnloadSecret:
-    tunnel_name: str
     secret_id: str
 
 
 @dataclass(frozen=True)
 class LoadConn:
-    tunnel: Tunnel
-    conn_name: str
+    """Load or update the connection: charon replaces children in place, keeping the SAs."""
+
+    peering: Peering
 
 
 @dataclass(frozen=True)
 class UnloadConn:
     """Remove a connection and terminate its SAs (charon keeps SAs of an unloaded connection)."""
 
-    tunnel_name: str
     conn_name: str
 
 
 @dataclass(frozen=True)
-class Initiate:
-    tunnel: Tunnel
+class TerminateChild:
+    """End a child SA whose tunnel left a peering that stays."""
+
     conn_name: str
     child: str
 
 
-Action = LoadSecret | UnloadSecret | LoadConn | UnloadConn | Initiate
+@dataclass(frozen=True)
+class Initiate:
+    conn_name: str
+    child: str
+
+
+Action = LoadSecret | UnloadSecret | LoadConn | UnloadConn | TerminateChild | Initiate
 
 
 @dataclass(frozen=True)
 class Memory:
     """What the reconciler remembers between passes (it cannot be read back from the daemon)."""
 
-    secret_digests: Mapping[str, str]  # tunnel name -> digest of the PSK last loaded
-    not_before: Mapping[str, float]  # tunnel name -> no new attempt before this time (backoff)
+    secret_digests: Mapping[str, str]  # secret id -> digest of the PSK last loaded
+    not_before: Mapping[str, float]  # conn name -> no new attempt before this time (backoff)
 
 
 def is_initiator(tunnel: Tunnel) -> bool:
@@ -84,27 +111,46 @@ def is_initiator(tunnel: Tunnel) -> bool:
     return False
 
 
-def secret_digest(tunnel: Tunnel) -> str:
-    return hashlib.sha256((tunnel.psk or "").encode()).hexdigest()
+def secret_digest(psk: str | None) -> str:
+    return hashlib.sha256((psk or "").encode()).hexdigest()
 
 
-def plan(desired: Mapping[str, DesiredTunnel], observed: ObservedState, memory: Memory, now: float,
+def group_peerings(tunnels: Collection[Tunnel], naming: Naming) -> tuple[dict[str, Peering], tuple[Invalid, ...]]:
+    """Group valid tunnels by IKE connection; a tunnel whose PSK disagrees with its peering's is invalid."""
+    groups: dict[str, list[Tunnel]] = {}
+    first_by_endpoints: dict[tuple, Tunnel] = {}
+    invalid: list[Invalid] = []
+    for tunnel in sorted(tunnels, key=lambda t: t.name):
+        conn_name = naming.conn_name(tunnel)
+        first = first_by_endpoints.setdefault((tunnel.local_ip, tunnel.remote_ip), tunnel)
+        if first is not tunnel and naming.conn_name(first) != conn_name:
+            problem = "its authentication or IKE options differ from"
+        elif first is not tunnel and first.psk != tunnel.psk:
+            problem = "its 'psk' differs from"
+        else:
+            groups.setdefault(conn_name, []).append(tunnel)
+            continue
+        invalid.append(Invalid(tunnel.name, f"{problem} tunnel '{first.name}' to the same peer; tunnels between "
+                               "the same two hosts share one IKE SA and must agree on it",
+                               tunnel.type.value, tunnel.local_ip, tunnel.remote_ip, tunnel.auth))
+    peerings = {}
+    for conn_name, members in groups.items():
+        children = tuple((child, t.name) for t in members for child in naming.child_names(t))
+        peerings[conn_name] = Peering(conn_name, naming.secret_id(members[0]), tuple(members), children,
+                                      is_initiator(members[0]))
+    return peerings, tuple(invalid)
+
+
+def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory, now: float,
          scope: Collection[str] | None = None) -> tuple[Action, ...]:
-    """Actions for the tunnels in scope (None: all), removals first."""
-    owner_of = observed.owners
+    """Actions for the connections in scope (None: all), removals first."""
     in_scope = (lambda name: True) if scope is None else (lambda name: name in scope)
-    wanted_conns = {entry.conn_name for entry in desired.values()}
-    wanted_secrets = {entry.secret_id for entry in desired.values() if entry.secret_id}
+    wanted_secrets = {p.secret_id for p in desired.values() if p.secret_id}
 
-    removals: list[Action] = []
-    for conn in sorted(observed.conns - wanted_conns):
-        tunnel_name = owner_of.get(conn, "")
-        if in_scope(tunnel_name):
-            removals.append(UnloadConn(tunnel_name, conn))
-    for secret in sorted(observed.shared_secrets - wanted_secrets):
-        tunnel_name = owner_of.get(secret, "")
-        if in_scope(tunnel_name):
-            removals.append(UnloadSecret(tunnel_name, secret))
+    removals: list[Action] = [UnloadConn(conn) for conn in sorted(observed.conns)
+                              if conn not in desired and in_scope(conn)]
+    removals += [UnloadSecret(secret) for secret in sorted(observed.shared_secrets - wanted_secrets)
+                 if in_scope(secret)]
 
     additions: list[Action] = []
     names = desired.keys() if scope is None else (name for name in scope if name in desired)
@@ -115,27 +161,26 @@ def plan(desired: Mapping[str, DesiredTunnel], observed: ObservedState, memory: 
     return tuple(removals + additions)
 
 
-def _converge(entry: DesiredTunnel, observed: ObservedState, memory: Memory) -> list[Action]:
-    tunnel = entry.tunnel
+def _converge(peering: Peering, observed: ObservedState, memory: Memory) -> list[Action]:
     actions: list[Action] = []
-    if entry.secret_id and (entry.secret_id not in observed.shared_secrets
-                            or memory.secret_digests.get(tunnel.name) != secret_digest(tunnel)):
-        actions.append(LoadSecret(tunnel, entry.secret_id))
-    if entry.conn_name not in observed.conns:
-        actions.append(LoadConn(tunnel, entry.conn_name))
-    if entry.initiator:
-        actions.extend(_initiations(entry, observed))
+    if peering.secret_id and (peering.secret_id not in observed.shared_secrets
+                              or memory.secret_digests.get(peering.secret_id) != secret_digest(peering.psk)):
+        actions.append(LoadSecret(peering))
+    wanted_children = {child for child, _ in peering.children}
+    if observed.conns.get(peering.conn_name) != frozenset(wanted_children):
+        actions.append(LoadConn(peering))
+    sas = observed.sas_of(peering.conn_name)
+    installed = {child for sa in sas for child in sa.installed_children}
+    actions += [TerminateChild(peering.conn_name, child) for child in sorted(installed - wanted_children)]
+    if peering.initiator:
+        actions += _initiations(peering, sas, installed)
     return actions
 
 
-def _initiations(entry: DesiredTunnel, observed: ObservedState) -> list[Initiate]:
-    sas = observed.sas_of(entry.conn_name)
+def _initiations(peering: Peering, sas, installed: set[str]) -> list[Initiate]:
     if any(sa.state not in ("ESTABLISHED", "DELETING", "DESTROYING") for sa in sas):
         return []  # an IKE SA is being negotiated: wait for it
-    established = [sa for sa in sas if sa.established]
-    if not established:
+    if not any(sa.established for sa in sas):
         # The first child goes with IKE_AUTH; the others follow once the IKE SA exists.
-        return [Initiate(entry.tunnel, entry.conn_name, entry.children[0])]
-    installed = {child for sa in established for child in sa.installed_children}
-    # Missing children are negotiated over the existing IKE SA.
-    return [Initiate(entry.tunnel, entry.conn_name, child) for child in entry.children if child not in installed]
+        return [Initiate(peering.conn_name, peering.children[0][0])]
+    return [Initiate(peering.conn_name, child) for child, _ in peering.children if child not in installed]

@@ -49,7 +49,6 @@ IKE_OPTION_PATTERNS: dict[str, re.Pattern] = {
     "lifetime": _DURATION,
     "rekeymargin": _DURATION,
     "replay-window": _NUMBER,
-    "replay_window": _NUMBER,
 }
 
 # Interface names become part of IKE connection names and log lines.
@@ -262,7 +261,7 @@ def _ike_options(options: dict[str, str]) -> tuple[tuple[tuple[str, str], ...], 
     for key, value in sorted(options.items()):
         if not key.startswith("ipsec_"):
             continue
-        name = key[len("ipsec_"):]
+        name = key[len("ipsec_"):].replace("_", "-")  # dpd_delay and dpd-delay both appear in the wild
         pattern = IKE_OPTION_PATTERNS.get(name)
         if pattern is None:
             supported = ", ".join(f"ipsec_{k}" for k in sorted(IKE_OPTION_PATTERNS))

@@ -5,24 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Protocol
 
-from ..model import ObservedState, Tunnel
-from ..planner import Action
+from ..model import ObservedState
+from ..planner import Action, Naming
 
 
 class Backend(Protocol):
     name: str
 
-    def conn_name(self, tunnel: Tunnel) -> str:
-        """Stable name derived from the tunnel's parameters, carrying our ownership marker."""
-
-    def secret_id(self, tunnel: Tunnel) -> str | None:
-        """Name of the tunnel's shared secret, or None when it has none."""
-
-    def children(self, tunnel: Tunnel) -> tuple[str, ...]:
-        """Names of the child SAs the tunnel needs, the one negotiated with the IKE SA first."""
+    naming: Naming  # pure: how connections, secrets and children are named
 
     def observe(self, conn_names: Collection[str] | None = None) -> ObservedState:
-        """Our connections and secrets, and the SAs of `conn_names` (None: of all of ours)."""
+        """Our secrets, and our connections and their SAs, limited to `conn_names` (None: all of ours)."""
 
     def apply(self, action: Action) -> None:
         """Carry out one action; raises BackendError."""

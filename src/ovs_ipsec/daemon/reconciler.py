@@ -1,4 +1,4 @@
-"""The worker that converges the IKE daemon on what OVSDB says, one dirty tunnel at a time.
+"""The worker that converges the IKE daemon on what OVSDB says, one dirty connection at a time.
 
 It runs in its own thread so that the main loop (OVSDB, unixctl) never waits on the IKE daemon.
 Inputs arrive as frozen values through `submit()`, `mark_conns_dirty()` and `refresh()`; the
@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 from ..backends.base import Backend
 from ..errors import BackendError
-from ..model import DesiredState, ObservedSA, ObservedState, Tunnel, ValidatedState
+from ..model import DesiredState, ObservedSA, ObservedState, ValidatedState
 from ..planner import (
-    Action, DesiredTunnel, Initiate, LoadConn, LoadSecret, Memory, UnloadConn, UnloadSecret,
-    is_initiator, plan, secret_digest,
+    Action, Initiate, LoadConn, LoadSecret, Memory, Peering, TerminateChild, UnloadConn, UnloadSecret,
+    group_peerings, plan, secret_digest,
 )
 from ..status.snapshot import StatusSnapshot, build_snapshot
 from ..validate import CertificateFacts, certificate_paths, validate
@@ -26,9 +26,10 @@ from .backoff import Backoff
 
 log = logging.getLogger("ovs_ipsec.reconciler")
 
-# Observing every SA of a few tunnels one by one is cheaper than listing all of them; past this
-# many, one full listing wins.
+# Observing a few connections one by one is cheaper than listing all of them; past this many,
+# one full listing wins.
 SCOPED_OBSERVE_LIMIT = 64
+EMPTY = ObservedState({}, frozenset(), {})
 
 
 @dataclass
@@ -56,13 +57,13 @@ class Reconciler:
         # Worker-only state below: touched by the worker thread alone.
         self._desired_state: DesiredState | None = None
         self._validated = ValidatedState((), ())
-        self._entries: dict[str, DesiredTunnel] = {}
+        self._peerings: dict[str, Peering] = {}
         self._memo: dict = {}
         self._memo_context: object = None
-        self._observed = ObservedState(frozenset(), frozenset(), {}, {})
+        self._observed = EMPTY
         self._secret_digests: dict[str, str] = {}
         self._backoff = Backoff()
-        self._errors: dict[str, str] = {}
+        self._errors: dict[str, str] = {}  # conn name -> why its last action failed
         self._progress: dict[str, tuple[bool, int]] = {}
         self._last_resync = 0.0
         self._daemon_error: str | None = None
@@ -131,25 +132,22 @@ class Reconciler:
         return bool(inbox.stop or inbox.desired or inbox.dirty_conns or inbox.full_resync or inbox.waiters)
 
     def _sleep_time(self) -> float:
-        now = self._clock()
         wake = self._last_resync + self._resync_interval
         next_retry = self._backoff.next_deadline()
         if next_retry is not None:
             wake = min(wake, next_retry)
-        return max(0.0, wake - now) + 0.01
+        return max(0.0, wake - self._clock()) + 0.01
 
     def _pass(self, inbox: _Inbox) -> None:
         now = self._clock()
-        full = inbox.full_resync or now >= self._last_resync + self._resync_interval
-        dirty: set[str] = set(self._backoff.due(now))
         if inbox.desired is not None:
             self._desired_state = inbox.desired
         if self._desired_state is None:
             return  # nothing read from OVSDB yet: never act on an empty picture
+        full = inbox.full_resync or now >= self._last_resync + self._resync_interval
+        dirty = set(self._backoff.due(now)) | inbox.dirty_conns
         if inbox.desired is not None or full:
             dirty |= self._revalidate(now)
-        dirty |= {self._observed.owners.get(conn, "") for conn in inbox.dirty_conns}
-        dirty.discard("")
         if not (full or dirty):
             return
         try:
@@ -160,44 +158,39 @@ class Reconciler:
             return
         if full:
             self._last_resync = now
-            dirty = set(self._entries) | set(self._observed.owners.values())
+            dirty = set(self._peerings) | set(self._observed.conns) | set(self._observed.shared_secrets)
         self._note_progress(dirty)
         memory = Memory(self._secret_digests, self._backoff.not_before)
-        self._apply(plan(self._entries, self._observed, memory, now, scope=dirty), now)
+        self._apply(plan(self._peerings, self._observed, memory, now, scope=dirty), now)
         if full:
-            self._backend.cleanup_credentials({e.tunnel.local_key_pem for e in self._entries.values()
-                                               if e.tunnel.local_key_pem})
+            self._backend.cleanup_credentials({p.tunnels[0].local_key_pem for p in self._peerings.values()
+                                               if p.tunnels[0].local_key_pem})
         self._publish(now)
 
     def _revalidate(self, now: float) -> set[str]:
-        """Validate the desired state; return the tunnels whose desired form changed.
+        """Validate the desired state; return the connections whose desired form changed.
 
         Certificate files are looked at again each time (the inspector re-reads a file only
         when its inode, size or mtime changed), which is how in-place rotation is noticed.
         """
         desired = self._desired_state
         facts = self._certificate_facts(desired)
-        context = (desired.global_config, facts, int(now // 3600))  # hourly: expiry is time-dependent
+        context = (desired.global_config, facts, int(now // 3600))  # hourly: expiry depends on time
         if context != self._memo_context:
             self._memo, self._memo_context = {}, context
         validated = validate(desired, facts, now, memo=self._memo)
-        entries = {t.name: self._entries_for(t) for t in validated.tunnels}
-        changed = {name for name in entries.keys() | self._entries.keys()
-                   if entries.get(name) != self._entries.get(name)}
+        peerings, conflicts = group_peerings(validated.tunnels, self._backend.naming)
+        if conflicts:
+            clashing = {invalid.name for invalid in conflicts}
+            validated = ValidatedState(tuple(t for t in validated.tunnels if t.name not in clashing),
+                                       validated.invalid + conflicts, validated.global_problem)
+        changed = {name for name in peerings.keys() | self._peerings.keys()
+                   if peerings.get(name) != self._peerings.get(name)}
         for name in changed:
             self._backoff.reset(name)
             self._errors.pop(name, None)
-        self._validated, self._entries = validated, entries
-        for invalid in validated.invalid:
-            self._errors.pop(invalid.name, None)
+        self._validated, self._peerings = validated, peerings
         return changed
-
-    def _entries_for(self, tunnel: Tunnel) -> DesiredTunnel:
-        previous = self._entries.get(tunnel.name)
-        if previous is not None and previous.tunnel == tunnel:
-            return previous  # rendering a name costs a hash; reuse it while nothing changed
-        return DesiredTunnel(tunnel, self._backend.conn_name(tunnel), self._backend.secret_id(tunnel),
-                             self._backend.children(tunnel), is_initiator(tunnel))
 
     def _certificate_facts(self, desired: DesiredState) -> CertificateFacts:
         certs, keys, chains = certificate_paths(desired)
@@ -211,78 +204,84 @@ class Reconciler:
         if scope is None:
             self._observed = self._backend.observe(None)
             return
-        conns = {self._entries[name].conn_name for name in scope if name in self._entries}
-        conns |= {conn for conn, owner in self._observed.owners.items() if owner in scope}
-        fresh = self._backend.observe(conns)
-        sas = {name: sas for name, sas in self._observed.sas.items() if name not in conns}
+        scope = set(scope)
+        fresh = self._backend.observe(scope)
+        conns = {name: children for name, children in self._observed.conns.items() if name not in scope}
+        conns.update(fresh.conns)
+        sas = {name: value for name, value in self._observed.sas.items() if name not in scope}
         sas.update(fresh.sas)
-        self._observed = ObservedState(fresh.conns, fresh.shared_secrets, sas, fresh.owners)
+        self._observed = ObservedState(conns, fresh.shared_secrets, sas)
 
-    def _note_progress(self, names: Iterable[str]) -> None:
-        """An SA that came up since the last look cancels the tunnel's initiation backoff."""
-        for name in names:
-            entry = self._entries.get(name)
-            if entry is None:
-                self._progress.pop(name, None)
-                continue
-            up = [sa for sa in self._observed.sas_of(entry.conn_name) if sa.established]
+    def _note_progress(self, conn_names: Iterable[str]) -> None:
+        """An SA that came up since the last look cancels the connection's initiation backoff."""
+        for name in conn_names:
+            up = [sa for sa in self._observed.sas_of(name) if sa.established]
             progress = (bool(up), max((sa.child_sas_installed for sa in up), default=0))
             if progress > self._progress.get(name, (False, 0)):
                 self._backoff.reset(name)
-            self._progress[name] = progress
+            if name in self._peerings:
+                self._progress[name] = progress
+            else:
+                self._progress.pop(name, None)
 
     def _apply(self, actions: tuple[Action, ...], now: float) -> None:
         failed: set[str] = set()
+        touched: set[str] = set()
         for action in actions:
-            name = action.tunnel.name if hasattr(action, "tunnel") else action.tunnel_name
+            name = _conn_of(action)
             if name in failed:
-                continue  # later steps of a tunnel depend on the earlier ones
+                continue  # later steps of a connection depend on the earlier ones
+            touched.add(name)
             try:
                 self._backend.apply(action)
             except BackendError as exc:
                 failed.add(name)
                 self._errors[name] = str(exc)
                 delay = self._backoff.failed(name, now)
-                log.warning("tunnel %s: %s (retry in %.0f s)", name, exc, delay)
+                log.warning("%s: %s (retry in %.0f s)", self._describe(name), exc, delay)
                 if exc.transport:
                     self._daemon_unreachable(exc, now)
                     return
                 continue
             self._record(action, now)
-        for name in {getattr(a, "tunnel", None) and a.tunnel.name for a in actions} - failed - {None}:
+        for name in touched - failed:
             self._errors.pop(name, None)
 
     def _record(self, action: Action, now: float) -> None:
         """Keep the cached observation in step with what we just did, without asking again."""
         observed = self._observed
-        conns, secrets, owners = set(observed.conns), set(observed.shared_secrets), dict(observed.owners)
-        sas = observed.sas
+        conns, secrets, sas = dict(observed.conns), set(observed.shared_secrets), dict(observed.sas)
         if isinstance(action, LoadSecret):
-            secrets.add(action.secret_id)
-            owners[action.secret_id] = action.tunnel.name
-            self._secret_digests[action.tunnel.name] = secret_digest(action.tunnel)
-            log.info("tunnel %s: loaded its pre-shared key", action.tunnel.name)
+            secrets.add(action.peering.secret_id)
+            self._secret_digests[action.peering.secret_id] = secret_digest(action.peering.psk)
+            log.info("%s: loaded the pre-shared key", self._describe(action.peering.conn_name))
         elif isinstance(action, UnloadSecret):
             secrets.discard(action.secret_id)
-            owners.pop(action.secret_id, None)
-            self._secret_digests.pop(action.tunnel_name, None)
+            self._secret_digests.pop(action.secret_id, None)
         elif isinstance(action, LoadConn):
-            conns.add(action.conn_name)
-            owners[action.conn_name] = action.tunnel.name
-            log.info("tunnel %s: loaded connection %s", action.tunnel.name, action.conn_name)
+            conns[action.peering.conn_name] = frozenset(child for child, _ in action.peering.children)
+            log.info("%s: loaded connection %s", self._describe(action.peering.conn_name), action.peering.conn_name)
         elif isinstance(action, UnloadConn):
-            conns.discard(action.conn_name)
-            owners.pop(action.conn_name, None)
-            sas = {name: value for name, value in sas.items() if name != action.conn_name}
-            log.info("tunnel %s: removed connection %s", action.tunnel_name or "?", action.conn_name)
+            conns.pop(action.conn_name, None)
+            sas.pop(action.conn_name, None)
+            log.info("removed connection %s", action.conn_name)
+        elif isinstance(action, TerminateChild):
+            log.info("%s: ended child SA %s", self._describe(action.conn_name), action.child)
         elif isinstance(action, Initiate):
             # Until charon reports progress, do not initiate again before the backoff delay.
-            self._backoff.failed(action.tunnel.name, now)
-            log.info("tunnel %s: initiating %s/%s", action.tunnel.name, action.conn_name, action.child)
-            connecting = ObservedSA(action.conn_name, "", "CONNECTING", None, ())
+            self._backoff.failed(action.conn_name, now)
+            log.info("%s: initiating %s", self._describe(action.conn_name), action.child)
             if not any(sa.established for sa in sas.get(action.conn_name, ())):
-                sas = {**sas, action.conn_name: (connecting,)}
-        self._observed = ObservedState(frozenset(conns), frozenset(secrets), sas, owners)
+                sas[action.conn_name] = (ObservedSA(action.conn_name, "", "CONNECTING", None, ()),)
+        self._observed = ObservedState(conns, frozenset(secrets), sas)
+
+    def _describe(self, conn_name: str) -> str:
+        """Name the tunnels behind a connection: every log line says which tunnel it is about."""
+        peering = self._peerings.get(conn_name)
+        if peering is None:
+            return f"connection {conn_name}"
+        names = ", ".join(t.name for t in peering.tunnels)
+        return f"tunnel{'s' if len(peering.tunnels) > 1 else ''} {names}"
 
     def _daemon_unreachable(self, exc: BackendError, now: float) -> None:
         if self._daemon_error != str(exc):
@@ -295,8 +294,7 @@ class Reconciler:
 
     def _remove_everything(self) -> None:
         try:
-            observed = self._backend.observe(None)
-            for action in plan({}, observed, Memory({}, {}), self._clock()):
+            for action in plan({}, self._backend.observe(None), Memory({}, {}), self._clock()):
                 self._backend.apply(action)
             self._backend.cleanup_credentials(())
             log.info("removed every connection and secret this daemon created")
@@ -304,7 +302,7 @@ class Reconciler:
             log.error("cleanup on exit incomplete: %s", exc)
 
     def _publish(self, now: float) -> None:
-        snapshot = build_snapshot(self._validated, self._entries, self._observed, self._errors,
+        snapshot = build_snapshot(self._validated, self._peerings, self._observed, self._errors,
                                   self._daemon_error, self._desired_state.global_config, self.snapshot, now)
         self._log_transitions(snapshot)
         self.snapshot = snapshot
@@ -320,3 +318,11 @@ class Reconciler:
         for name in self._reported.keys() - current.keys():
             log.info("tunnel %s: removed", name)
         self._reported = current
+
+
+def _conn_of(action: Action) -> str:
+    if isinstance(action, (LoadSecret, LoadConn)):
+        return action.peering.conn_name
+    if isinstance(action, UnloadSecret):
+        return action.secret_id
+    return action.conn_name

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from ..model import GlobalConfig, Invalid, ObservedState, TunnelState, ValidatedState
-from ..planner import DesiredTunnel
+from ..model import GlobalConfig, Invalid, ObservedState, Tunnel, TunnelState, ValidatedState
+from ..planner import Peering
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,14 @@ class StatusSnapshot:
         }
 
 
-def build_snapshot(validated: ValidatedState, entries: Mapping[str, DesiredTunnel], observed: ObservedState,
+def build_snapshot(validated: ValidatedState, peerings: Mapping[str, Peering], observed: ObservedState,
                    errors: Mapping[str, str], daemon_error: str | None, global_config: GlobalConfig,
                    previous: StatusSnapshot, now: float) -> StatusSnapshot:
     before = {tunnel.name: tunnel for tunnel in previous.tunnels}
     statuses = [_invalid_status(invalid) for invalid in validated.invalid]
-    for entry in entries.values():
-        statuses.append(_tunnel_status(entry, observed, errors.get(entry.tunnel.name), daemon_error))
+    for peering in peerings.values():
+        for tunnel in peering.tunnels:
+            statuses.append(_tunnel_status(tunnel, peering, observed, errors.get(peering.conn_name), daemon_error))
     stamped = []
     for status in sorted(statuses, key=lambda s: s.name):
         old = before.get(status.name)
@@ -87,16 +88,16 @@ def _invalid_status(invalid: Invalid) -> TunnelStatus:
                         state=TunnelState.INVALID, reason=invalid.reason)
 
 
-def _tunnel_status(entry: DesiredTunnel, observed: ObservedState, error: str | None,
+def _tunnel_status(tunnel: Tunnel, peering: Peering, observed: ObservedState, error: str | None,
                    daemon_error: str | None) -> TunnelStatus:
-    tunnel = entry.tunnel
-    sas = observed.sas_of(entry.conn_name)
+    sas = observed.sas_of(peering.conn_name)
     up = [sa for sa in sas if sa.established]
+    mine = set(peering.children_of(tunnel.name))
     if error:
         state, reason = TunnelState.ERROR, error
     elif up:
         state, reason = TunnelState.ESTABLISHED, None
-    elif entry.conn_name in observed.conns:
+    elif peering.conn_name in observed.conns:
         state, reason = TunnelState.LOADED, None
     elif daemon_error:
         state, reason = TunnelState.ERROR, daemon_error
@@ -105,12 +106,13 @@ def _tunnel_status(entry: DesiredTunnel, observed: ObservedState, error: str | N
     sa_lines = tuple(
         f"{sa.conn_name}[{sa.unique_id}]: {sa.state}"
         + (f" {sa.established_seconds}s" if sa.established_seconds is not None else "")
-        + (f", children installed: {', '.join(sa.installed_children)}" if sa.installed_children else "")
+        + (f", child SAs installed: {', '.join(sorted(mine & set(sa.installed_children)))}"
+           if mine & set(sa.installed_children) else "")
         for sa in sas)
     return TunnelStatus(
         name=tunnel.name, type=tunnel.type.value, local_ip=tunnel.local_ip, remote_ip=tunnel.remote_ip,
         auth=tunnel.auth.value, state=state, reason=reason, ike_sas=len(up),
-        child_sas=sum(sa.child_sas_installed for sa in up), conn=entry.conn_name, initiator=entry.initiator,
-        remote_name=tunnel.remote_name, local_name=tunnel.local_name,
+        child_sas=sum(len(mine & set(sa.installed_children)) for sa in up), conn=peering.conn_name,
+        initiator=peering.initiator, remote_name=tunnel.remote_name, local_name=tunnel.local_name,
         remote_cert=tunnel.remote_cert_pem is not None, dst_port=tunnel.dst_port,
         ike_options=tunnel.ike_options, ofport=tunnel.ofport, cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines)

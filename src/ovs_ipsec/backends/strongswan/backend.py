@@ -13,8 +13,8 @@ import vici
 import vici.exception
 
 from ...errors import BackendError
-from ...model import ObservedState, Tunnel
-from ...planner import Action, Initiate, LoadConn, LoadSecret, UnloadConn, UnloadSecret
+from ...model import ObservedState
+from ...planner import Action, Initiate, LoadConn, LoadSecret, Naming, TerminateChild, UnloadConn, UnloadSecret
 from . import parse, render
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,7 @@ class StrongSwanBackend:
         self._loaded_keys: dict[str, str] = {}  # sha256 of key PEM -> charon key id
         self._stop = threading.Event()
 
-    # -- naming (pure) ---------------------------------------------------------------------
-
-    def conn_name(self, tunnel: Tunnel) -> str:
-        return render.render_conn(tunnel)[0]
-
-    def secret_id(self, tunnel: Tunnel) -> str | None:
-        return render.secret_id(tunnel.name) if tunnel.psk is not None else None
-
-    def children(self, tunnel: Tunnel) -> tuple[str, ...]:
-        return render.child_names(tunnel)
+    naming = Naming(conn_name=render.conn_name, secret_id=render.secret_id, child_names=render.child_names)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -76,37 +67,42 @@ class StrongSwanBackend:
         self._loaded_keys.clear()  # a restarted charon has none of them
 
     def observe(self, conn_names: Collection[str] | None = None) -> ObservedState:
-        conns = parse.owned_names(self._call("get-conns", lambda s: s.get_conns()), "conns")
-        secrets = parse.owned_names(self._call("get-shared", lambda s: s.get_shared()), "keys")
+        secrets = parse.owned_secrets(self._call("get-shared", lambda s: s.get_shared()))
+        # Blocking listing on purpose: charon raises ike-updown while the worker that established
+        # the SA still holds it, and a non-blocking listing would skip exactly that SA.
         if conn_names is None:
-            sas = parse.ike_sas(self._call("list-sas", lambda s: list(s.list_sas({"noblock": "yes"}))))
+            conns = parse.owned_conns(self._call("list-conns", lambda s: list(s.list_conns())))
+            sas = parse.ike_sas(self._call("list-sas", lambda s: list(s.list_sas())))
         else:
-            sas = {}
+            conns, sas = {}, {}
             for name in conn_names:
-                sas.update(parse.ike_sas(self._call(f"list-sas {name}",
-                                                    lambda s, n=name: list(s.list_sas({"noblock": "yes", "ike": n})))))
-        owners = {name: render.tunnel_of_conn(name) or "" for name in conns}
-        owners.update({name: render.tunnel_of_secret(name) or "" for name in secrets})
-        return ObservedState(conns=conns, shared_secrets=secrets, sas=sas, owners=owners)
+                conns.update(parse.owned_conns(self._call(f"list-conns {name}",
+                                                          lambda s, n=name: list(s.list_conns({"ike": n})))))
+                sas.update(parse.ike_sas(self._call(f"list-sas {name}", lambda s, n=name: list(s.list_sas({"ike": n})))))
+        return ObservedState(conns=conns, shared_secrets=secrets, sas=sas)
 
     def apply(self, action: Action) -> None:
         if isinstance(action, LoadSecret):
-            tunnel = action.tunnel
-            owners = [ip for ip in (tunnel.local_ip, tunnel.remote_ip) if ip]
-            self._call(f"load-shared {action.secret_id}", lambda s: s.load_shared(
-                {"id": action.secret_id, "type": "IKE", "data": tunnel.psk, "owners": owners}))
+            peering = action.peering
+            first = peering.tunnels[0]
+            owners = [ip for ip in (first.local_ip, first.remote_ip) if ip]
+            self._call(f"load-shared {peering.secret_id}", lambda s: s.load_shared(
+                {"id": peering.secret_id, "type": "IKE", "data": peering.psk, "owners": owners}))
         elif isinstance(action, UnloadSecret):
             self._call(f"unload-shared {action.secret_id}", lambda s: s.unload_shared({"id": action.secret_id}))
         elif isinstance(action, LoadConn):
-            if action.tunnel.local_key_pem:
-                self._ensure_key(action.tunnel.local_key_pem)
-            name, body = render.render_conn(action.tunnel)
-            self._call(f"load-conn {name}", lambda s: s.load_conn({name: body}))
+            key_pem = action.peering.tunnels[0].local_key_pem
+            if key_pem:
+                self._ensure_key(key_pem)
+            message = render.render_conn(action.peering)
+            self._call(f"load-conn {action.peering.conn_name}", lambda s: s.load_conn(message))
         elif isinstance(action, UnloadConn):
             self._call(f"unload-conn {action.conn_name}", lambda s: s.unload_conn({"name": action.conn_name}))
             # charon keeps the SAs of an unloaded connection alive; end them so no SA outlives
             # the parameters the operator removed.
-            self._terminate(action.conn_name)
+            self._terminate({"ike": action.conn_name})
+        elif isinstance(action, TerminateChild):
+            self._terminate({"child": action.child})
         elif isinstance(action, Initiate):
             # timeout -1: charon answers at once; the outcome arrives as an ike-updown event.
             self._call(f"initiate {action.conn_name}/{action.child}", lambda s: _drain(s.initiate(
@@ -114,9 +110,10 @@ class StrongSwanBackend:
         else:
             raise TypeError(f"unknown action {action!r}")
 
-    def _terminate(self, conn_name: str) -> None:
+    def _terminate(self, selector: dict) -> None:
+        what = "/".join(selector.values())
         try:
-            self._call(f"terminate {conn_name}", lambda s: _drain(s.terminate({"ike": conn_name, "timeout": "-1"})))
+            self._call(f"terminate {what}", lambda s: _drain(s.terminate({**selector, "timeout": "-1"})))
         except BackendError as exc:
             if exc.transport:
                 raise
@@ -159,7 +156,9 @@ class StrongSwanBackend:
                     if self._stop.is_set():
                         break
                     if label is not None:
-                        on_change(parse.event_conn_names(message))
+                        names = parse.event_conn_names(message)
+                        log.debug("VICI event %s about %s", parse.text(label), ", ".join(sorted(names)))
+                        on_change(names)
             except (OSError, vici.exception.SessionException) as exc:
                 log.debug("VICI event socket %s: %s", self._path, exc)
             self._stop.wait(delay)

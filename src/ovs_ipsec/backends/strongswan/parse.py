@@ -12,10 +12,21 @@ def text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def owned_names(reply: Mapping, list_key: str) -> frozenset[str]:
-    """Names from a get-conns ({"conns": [...]}) or get-shared ({"keys": [...]}) reply that are ours."""
-    names = (text(name) for name in reply.get(list_key, ()))
+def owned_secrets(reply: Mapping) -> frozenset[str]:
+    """Our shared secret ids from a get-shared reply ({"keys": [...]})."""
+    names = (text(name) for name in reply.get("keys", ()))
     return frozenset(name for name in names if name.startswith(OWNER_PREFIX))
+
+
+def owned_conns(list_conn_events: Iterable[Mapping]) -> dict[str, frozenset[str]]:
+    """list-conns streams {conn name: {..., children: {child name: {...}}}}; keep ours."""
+    conns = {}
+    for event in list_conn_events:
+        for name, details in event.items():
+            name = text(name)
+            if name.startswith(OWNER_PREFIX):
+                conns[name] = frozenset(text(child) for child in (details.get("children") or {}))
+    return conns
 
 
 def ike_sas(list_sa_events: Iterable[Mapping]) -> dict[str, tuple[ObservedSA, ...]]:

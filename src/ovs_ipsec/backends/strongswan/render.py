@@ -1,10 +1,10 @@
-"""Tunnel -> the VICI messages that describe it to charon. Pure: no socket, no file.
+"""Tunnels -> the VICI messages that describe them to charon. Pure: no socket, no file.
 
-Naming is the ownership marker: every connection is `ovsipsec-<interface>-<digest>` and every
-shared secret `ovsipsec-<interface>`. The digest covers every parameter of the rendered
-connection, so a restart with unchanged configuration renders the very same names (nothing is
-reloaded, no SA is dropped), while any parameter change yields a new name: the old connection
-is removed and the new one loaded, which re-authenticates exactly that tunnel.
+Naming is the ownership marker. A connection is `ovsipsec-<remote ip>-<digest>`, the digest
+covering every IKE-level parameter, so tunnels that can share an IKE SA get the same connection
+and any IKE-level change gives a new one. A child is `<interface>-<in|out|gre>-<digest>`, the
+digest covering that tunnel's child parameters. A restart with unchanged configuration renders
+the very same names, so nothing is reloaded and no SA is dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import json
 
 from ...model import AuthMethod, Selector, Tunnel
+from ...planner import Peering
 
 OWNER_PREFIX = "ovsipsec-"
 
@@ -22,29 +23,34 @@ DEFAULT_ESP_PROPOSAL = "aes256gcm16-modp2048"
 DEFAULT_DPD_DELAY = "30s"
 
 
-def render_conn(tunnel: Tunnel) -> tuple[str, dict]:
-    """The connection's name and the body of its load-conn message."""
-    body = _conn_body(tunnel)
-    canonical = json.dumps(body, sort_keys=True, default=_pem_digest).encode()
-    return f"{OWNER_PREFIX}{tunnel.name}-{hashlib.sha256(canonical).hexdigest()[:10]}", body
+def conn_name(tunnel: Tunnel) -> str:
+    return f"{OWNER_PREFIX}{tunnel.remote_ip}-{_digest(_ike_body(tunnel), 10)}"
 
 
-def secret_id(tunnel_name: str) -> str:
-    return f"{OWNER_PREFIX}{tunnel_name}"
+def secret_id(tunnel: Tunnel) -> str | None:
+    return conn_name(tunnel) if tunnel.auth is AuthMethod.PSK else None
 
 
-def tunnel_of_conn(name: str) -> str | None:
-    """The interface a connection of ours belongs to, or None when the name is not ours."""
-    if not name.startswith(OWNER_PREFIX) or "-" not in name[len(OWNER_PREFIX):]:
-        return None
-    return name[len(OWNER_PREFIX):].rsplit("-", 1)[0]
+def child_names(tunnel: Tunnel) -> tuple[str, ...]:
+    digest = _digest(_child_bodies(tunnel), 6)
+    return tuple(f"{tunnel.name}-{direction}-{digest}" for direction in _directions(tunnel))
 
 
-def tunnel_of_secret(secret: str) -> str | None:
-    return secret[len(OWNER_PREFIX):] if secret.startswith(OWNER_PREFIX) else None
+def is_ours(name: str) -> bool:
+    return name.startswith(OWNER_PREFIX)
 
 
-def _conn_body(tunnel: Tunnel) -> dict:
+def render_conn(peering: Peering) -> dict:
+    """The load-conn message for a peering: its IKE parameters and every member tunnel's children."""
+    body = _ike_body(peering.tunnels[0])
+    children = {}
+    for tunnel in peering.tunnels:
+        children.update(zip(child_names(tunnel), _child_bodies(tunnel)))
+    body["children"] = children
+    return {peering.conn_name: body}
+
+
+def _ike_body(tunnel: Tunnel) -> dict:
     options = dict(tunnel.ike_options)
     body = {
         "version": "2",
@@ -55,7 +61,6 @@ def _conn_body(tunnel: Tunnel) -> dict:
         "dpd_delay": options.get("dpd-delay", options.get("dpddelay", DEFAULT_DPD_DELAY)),
         "local": _local_auth(tunnel),
         "remote": _remote_auth(tunnel),
-        "children": _children(tunnel, options),
     }
     if "dpd-timeout" in options or "dpdtimeout" in options:
         body["dpd_timeout"] = options.get("dpd-timeout", options.get("dpdtimeout"))
@@ -79,12 +84,13 @@ def _remote_auth(tunnel: Tunnel) -> dict:
     return {"auth": "pubkey", "id": tunnel.remote_name, "cacerts": [tunnel.ca_cert_pem]}
 
 
-def child_names(tunnel: Tunnel) -> tuple[str, ...]:
-    return tuple(_child_name(selector) for selector in tunnel.selectors)
+def _directions(tunnel: Tunnel) -> tuple[str, ...]:
+    return tuple(_direction(selector) for selector in tunnel.selectors)
 
 
-def _children(tunnel: Tunnel, options: dict[str, str]) -> dict:
-    children = {}
+def _child_bodies(tunnel: Tunnel) -> list[dict]:
+    options = dict(tunnel.ike_options)
+    bodies = []
     for selector in tunnel.selectors:
         child = {
             "mode": "transport",
@@ -99,14 +105,13 @@ def _children(tunnel: Tunnel, options: dict[str, str]) -> dict:
         for key in ("salifetime", "lifetime"):
             if key in options:
                 child["rekey_time"] = options[key]
-        replay = options.get("replay-window", options.get("replay_window"))
-        if replay:
-            child["replay_window"] = replay
-        children[_child_name(selector)] = child
-    return children
+        if "replay-window" in options:
+            child["replay_window"] = options["replay-window"]
+        bodies.append(child)
+    return bodies
 
 
-def _child_name(selector: Selector) -> str:
+def _direction(selector: Selector) -> str:
     if selector.protocol == "gre":
         return "gre"
     return "out" if selector.remote_port else "in"
@@ -114,6 +119,11 @@ def _child_name(selector: Selector) -> str:
 
 def _traffic_selector(protocol: str, port: int | None) -> str:
     return f"dynamic[{protocol}/{port}]" if port else f"dynamic[{protocol}]"
+
+
+def _digest(value: object, length: int) -> str:
+    canonical = json.dumps(value, sort_keys=True, default=_pem_digest).encode()
+    return hashlib.sha256(canonical).hexdigest()[:length]
 
 
 def _pem_digest(value: object) -> str:

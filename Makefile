@@ -1,0 +1,27 @@
+# Every target runs `setup` first: a fresh Debian 12 machine needs nothing else.
+PYTHON := .venv/bin/python
+PYTEST := $(PYTHON) -m pytest
+
+.PHONY: setup demo check unit functional lab bench
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(PYTHON) scripts/demo.py
+
+# Unit tests, functional tests against real daemons, then the real-kernel lab.
+check: setup
+	$(PYTEST) -q tests
+
+unit: setup
+	$(PYTEST) -q tests/unit
+
+functional: setup
+	$(PYTEST) -q tests/functional
+
+lab: setup
+	lab/run.sh
+
+bench: setup
+	$(PYTHON) bench/run.py

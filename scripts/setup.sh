@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install everything ovs-ipsec needs on a fresh Debian 12 machine; idempotent and quick when done.
+#   Debian packages: Open vSwitch (ovsdb-server, ovs-vsctl, ovs-pki), strongSwan (charon-systemd
+#   with VICI, swanctl), OVN, and the tools the tests use (tcpdump, iproute2, ping, openssl).
+#   A virtualenv at .venv/ with the project (editable) and its PyPI dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  openvswitch-switch openvswitch-common openvswitch-pki openvswitch-ipsec python3-openvswitch
+  strongswan-swanctl charon-systemd libstrongswan-standard-plugins libstrongswan-extra-plugins
+  libcharon-extra-plugins strongswan-pki
+  ovn-central ovn-host
+  tcpdump iproute2 iputils-ping openssl python3 python3-venv python3-pip
+)
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  # Debian's packages would start system-wide daemons; tests run their own private ones.
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.ovs-ipsec-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi

@@ -1,0 +1,16 @@
+"""Golden files: compare rendered output byte for byte; UPDATE_GOLDEN=1 rewrites them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def assert_golden(name: str, actual: str) -> None:
+    path = GOLDEN_DIR / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(actual)
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 once and review it"
+    assert actual == path.read_text()

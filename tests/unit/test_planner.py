@@ -1,0 +1,131 @@
+"""Planner: peerings share one IKE connection; removals of our stale objects; initiation by the rule."""
+
+from __future__ import annotations
+
+from conftest import desired, row
+from ovs_ipsec.backends.strongswan.backend import StrongSwanBackend
+from ovs_ipsec.model import ObservedSA, ObservedState
+from ovs_ipsec.planner import (
+    Initiate, LoadConn, LoadSecret, Memory, TerminateChild, UnloadConn, UnloadSecret, group_peerings, is_initiator,
+    plan, secret_digest,
+)
+from ovs_ipsec.validate import CertificateFacts, validate
+
+NAMING = StrongSwanBackend.naming
+NO_MEMORY = Memory({}, {})
+A = row("a", "geneve", local_ip="10.0.0.1", remote_ip="10.0.0.2", psk="swordfish")
+A2 = row("a2", "gre", local_ip="10.0.0.1", remote_ip="10.0.0.2", psk="swordfish")
+B = row("b", "gre", local_ip="10.0.0.9", remote_ip="10.0.0.3", psk="other")
+
+
+def peerings(*rows):
+    result, conflicts = group_peerings(validate(desired(*rows), CertificateFacts(), 0).tunnels, NAMING)
+    return result, conflicts
+
+
+def only(*rows):
+    (peering,) = peerings(*rows)[0].values()
+    return peering
+
+
+def observed(conns=None, secrets=(), sas=None):
+    return ObservedState(conns or {}, frozenset(secrets), sas or {})
+
+
+def converged(peering, installed=None):
+    children = frozenset(child for child, _ in peering.children)
+    up = ObservedSA(peering.conn_name, "1", "ESTABLISHED", 5, tuple(sorted(installed if installed is not None
+                                                                             else children)))
+    return (observed({peering.conn_name: children}, [peering.secret_id], {peering.conn_name: (up,)}),
+            Memory({peering.secret_id: secret_digest(peering.psk)}, {}))
+
+
+def test_fresh_peering_gets_secret_then_conn_then_one_initiation():
+    p = only(A)
+    assert plan({p.conn_name: p}, observed(), NO_MEMORY, 0) == (
+        LoadSecret(p), LoadConn(p), Initiate(p.conn_name, p.children[0][0]))
+
+
+def test_tunnels_between_the_same_hosts_share_one_connection():
+    p = only(A, A2)
+    assert [t.name for t in p.tunnels] == ["a", "a2"]
+    assert [owner for _, owner in p.children] == ["a", "a", "a2"]
+
+
+def test_tunnels_to_the_same_peer_must_agree_on_psk_and_ike_options():
+    _, conflicts = peerings(A, row("a2", "gre", local_ip="10.0.0.1", remote_ip="10.0.0.2", psk="different"))
+    assert "its 'psk' differs from tunnel 'a'" in conflicts[0].reason
+    _, conflicts = peerings(A, row("a2", "gre", local_ip="10.0.0.1", remote_ip="10.0.0.2", psk="swordfish",
+                                   ipsec_ike="aes128-sha256-modp2048"))
+    assert "IKE options differ from tunnel 'a'" in conflicts[0].reason
+
+
+def test_responder_side_never_initiates():
+    p = only(B)  # 10.0.0.9 > 10.0.0.3
+    assert not any(isinstance(a, Initiate) for a in plan({p.conn_name: p}, observed(), NO_MEMORY, 0))
+
+
+def test_converged_peering_needs_nothing():
+    p = only(A)
+    state, memory = converged(p)
+    assert plan({p.conn_name: p}, state, memory, 0) == ()
+
+
+def test_adding_a_tunnel_to_an_established_peering_updates_the_connection_in_place():
+    before = only(A)
+    after = only(A, A2)
+    assert before.conn_name == after.conn_name
+    state, memory = converged(before)
+    (gre_child,) = after.children_of("a2")
+    assert plan({after.conn_name: after}, state, memory, 0) == (LoadConn(after), Initiate(after.conn_name, gre_child))
+
+
+def test_removing_a_tunnel_from_a_peering_ends_only_its_child_sas():
+    before = only(A, A2)
+    after = only(A)
+    state, memory = converged(before)
+    (gre_child,) = before.children_of("a2")
+    assert plan({after.conn_name: after}, state, memory, 0) == (LoadConn(after),
+                                                                 TerminateChild(after.conn_name, gre_child))
+
+
+def test_missing_children_are_initiated_over_the_established_ike_sa():
+    p = only(A)
+    first, second = p.children_of("a")
+    state, memory = converged(p, installed=[first])
+    assert plan({p.conn_name: p}, state, memory, 0) == (Initiate(p.conn_name, second),)
+
+
+def test_connecting_sa_is_left_alone_and_backoff_is_respected():
+    p = only(A)
+    state, memory = converged(p)
+    connecting = observed(state.conns, state.shared_secrets,
+                          {p.conn_name: (ObservedSA(p.conn_name, "1", "CONNECTING", None, ()),)})
+    assert plan({p.conn_name: p}, connecting, memory, 0) == ()
+    assert plan({p.conn_name: p}, observed(), Memory({}, {p.conn_name: 10.0}), now=5.0) == ()
+
+
+def test_changed_psk_is_reloaded():
+    p = only(A)
+    state, _ = converged(p)
+    assert plan({p.conn_name: p}, state, Memory({p.secret_id: "old"}, {}), 0) == (LoadSecret(p),)
+
+
+def test_stale_objects_of_ours_are_removed():
+    stale = observed({"ovsipsec-10.0.0.7-0123456789": frozenset()}, ["ovsipsec-10.0.0.7-0123456789"])
+    assert plan({}, stale, NO_MEMORY, 0) == (UnloadConn("ovsipsec-10.0.0.7-0123456789"),
+                                             UnloadSecret("ovsipsec-10.0.0.7-0123456789"))
+
+
+def test_scope_limits_work_to_the_named_connections():
+    both, _ = peerings(A, B)
+    b_conn = only(B).conn_name
+    actions = plan(both, observed(), NO_MEMORY, 0, scope={b_conn})
+    assert {getattr(a, "peering", None) and a.peering.conn_name for a in actions} == {b_conn}
+
+
+def test_initiator_rule_is_symmetric():
+    mine = validate(desired(A), CertificateFacts(), 0).tunnels[0]
+    theirs = validate(desired(row("a", "geneve", local_ip="10.0.0.2", remote_ip="10.0.0.1", psk="x")),
+                      CertificateFacts(), 0).tunnels[0]
+    assert is_initiator(mine) != is_initiator(theirs)
