@@ -81,7 +81,7 @@ class Host:
         subprocess.run(["ovsdb-server", f"{d}/conf.db", f"--remote=punix:{d}/db.sock",
                         f"--pidfile={d}/ovsdb-server.pid", f"--unixctl={d}/ovsdb-server.ctl",
                         "--detach", "--no-chdir", f"--log-file={d}/ovsdb-server.log", "-vconsole:off"],
-                       env=self.env, check=True, timeout=30)
+                       env=self.env, check=True, timeout=30, stderr=subprocess.DEVNULL)  # its log has it all
         self.vsctl("init")
         self.vsctl("--may-exist", "add-br", "br-ipsec")
 
