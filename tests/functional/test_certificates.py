@@ -1,0 +1,116 @@
+"""Certificate tunnels against real charons, with certificates from our own `ovs-ipsec pki`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import add_pair, add_tunnel, charon_conns, ike_sa_ids
+from ovs_ipsec.sandbox import wait_for
+
+PKI = [sys.executable, "-m", "ovs_ipsec.cli.pki_main"]
+
+
+def pki(folder: Path, *args: str) -> None:
+    subprocess.run([*PKI, "--dir", str(folder / "pki"), *args], cwd=folder, check=True, capture_output=True)
+
+
+@pytest.fixture
+def ca_signed(tmp_path):
+    """A switch CA and two host certificates it signed, made exactly as the seed tutorial says."""
+    pki(tmp_path, "init")
+    for name in ("hostA", "hostB"):
+        pki(tmp_path, "req", name)
+        pki(tmp_path, "sign", name, "switch")
+    return tmp_path
+
+
+def use_certificate(host, folder: Path, name: str, ca: bool) -> None:
+    settings = [f"other_config:certificate={folder}/{name}-cert.pem",
+                f"other_config:private_key={folder}/{name}-privkey.pem"]
+    if ca:
+        settings.append(f"other_config:ca_cert={folder}/pki/switchca/cacert.pem")
+    host.vsctl("set", "Open_vSwitch", ".", *settings)
+
+
+@pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])
+def test_ca_signed_tunnel_reaches_established(two_hosts, ca_signed, tunnel_type):
+    a, b = two_hosts
+    use_certificate(a, ca_signed, "hostA", ca=True)
+    use_certificate(b, ca_signed, "hostB", ca=True)
+    add_tunnel(a, b, "tun", tunnel_type, remote_name="hostB")
+    add_tunnel(b, a, "tun", tunnel_type, remote_name="hostA")
+    for host, peer in ((a, "hostB"), (b, "hostA")):
+        tunnel = host.wait_state("tun", "established")
+        assert tunnel["auth"] == "ca-cert" and tunnel["remote_name"] == peer
+
+
+@pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])
+def test_self_signed_tunnel_reaches_established(two_hosts, tmp_path, tunnel_type):
+    a, b = two_hosts
+    for name in ("hostA", "hostB"):
+        pki(tmp_path, "req", name)
+        pki(tmp_path, "self-sign", name)
+    use_certificate(a, tmp_path, "hostA", ca=False)
+    use_certificate(b, tmp_path, "hostB", ca=False)
+    add_tunnel(a, b, "tun", tunnel_type, remote_cert=f"{tmp_path}/hostB-cert.pem")
+    add_tunnel(b, a, "tun", tunnel_type, remote_cert=f"{tmp_path}/hostA-cert.pem")
+    for host in (a, b):
+        assert host.wait_state("tun", "established")["auth"] == "peer-cert"
+
+
+def test_wrong_peer_name_is_refused_by_the_peer_not_silently_accepted(two_hosts, ca_signed):
+    a, b = two_hosts
+    use_certificate(a, ca_signed, "hostA", ca=True)
+    use_certificate(b, ca_signed, "hostB", ca=True)
+    add_tunnel(a, b, "tun", "gre", remote_name="somebody-else")
+    add_tunnel(b, a, "tun", "gre", remote_name="hostA")
+    a.wait_state("tun", "loaded")
+    with pytest.raises(TimeoutError):
+        a.wait_state("tun", "established", timeout=6)
+
+
+def test_bad_certificate_makes_only_certificate_tunnels_invalid(two_hosts, tmp_path):
+    a, b = two_hosts
+    add_pair(a, b, "psk", "gre", psk="swordfish")
+    a.wait_state("psk", "established")
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    a.vsctl("set", "Open_vSwitch", ".", f"other_config:certificate={tmp_path}/garbage.pem",
+            f"other_config:private_key={tmp_path}/key.pem")
+    add_tunnel(a, b, "cert", "geneve", family=6, remote_name="hostB")
+    reason = a.wait_state("cert", "invalid")["reason"]
+    assert "garbage.pem" in reason
+    assert a.tunnel("psk")["state"] == "established"
+
+
+def test_rotating_the_host_certificate_in_place_reauthenticates_only_its_tunnels(two_hosts, ca_signed):
+    a, b = two_hosts
+    use_certificate(a, ca_signed, "hostA", ca=True)
+    use_certificate(b, ca_signed, "hostB", ca=True)
+    add_pair(a, b, "psk6", "gre", family=6, psk="swordfish")  # another peering: must not churn
+    add_tunnel(a, b, "tun", "geneve", remote_name="hostB")
+    add_tunnel(b, a, "tun", "geneve", remote_name="hostA")
+    old_conn = a.wait_state("tun", "established")["conn"]
+    psk_conn = a.wait_state("psk6", "established")["conn"]
+    psk_sa = ike_sa_ids(a)[psk_conn]
+
+    # A new key and certificate for hostA, written over the same paths, as an operator would.
+    renewal = ca_signed / "renewal"
+    renewal.mkdir()
+    shutil.copytree(ca_signed / "pki", renewal / "pki")
+    pki(renewal, "req", "hostA")
+    pki(renewal, "sign", "hostA", "switch")
+    for suffix in ("privkey.pem", "cert.pem"):
+        (ca_signed / f"hostA-{suffix}").write_bytes((renewal / f"hostA-{suffix}").read_bytes())
+
+    a.appctl("refresh")
+    new_conn = wait_for(lambda: (t := a.tunnel("tun")) and t["conn"] != old_conn and t["state"] == "established"
+                        and t["conn"], 30, what="tunnel re-established with the new certificate")
+    assert old_conn not in charon_conns(a) and new_conn in charon_conns(a)
+    b.wait_state("tun", "established")
+    assert ike_sa_ids(a)[psk_conn] == psk_sa  # the PSK peering was not touched
