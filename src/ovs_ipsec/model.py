@@ -7,6 +7,7 @@ cheaply: the reconciler detects changes by equality, never by tracking events.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -97,7 +98,7 @@ class Tunnel:
     ofport: int | None = None
     cfm_fault: bool | None = None
 
-    @property
+    @functools.cached_property  # works on a frozen dataclass: it writes __dict__ directly
     def selectors(self) -> tuple[Selector, ...]:
         """The traffic this tunnel must encrypt, both directions.
 

@@ -14,7 +14,7 @@ with our ownership marker are ever observed, so nothing foreign can be planned a
 from __future__ import annotations
 
 import hashlib
-import ipaddress
+import socket
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -105,10 +105,15 @@ def is_initiator(tunnel: Tunnel) -> bool:
     initiates only on demand (trap), like upstream.
     """
     if tunnel.local_ip:
-        return ipaddress.ip_address(tunnel.local_ip) < ipaddress.ip_address(tunnel.remote_ip)
+        return _packed(tunnel.local_ip) < _packed(tunnel.remote_ip)
     if tunnel.auth is not AuthMethod.PSK and tunnel.local_name and tunnel.remote_name:
         return tunnel.local_name < tunnel.remote_name
     return False
+
+
+def _packed(address: str) -> bytes:
+    """Network-order bytes: compares like the numbers, and is far cheaper than ipaddress here."""
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
 
 
 def secret_digest(psk: str | None) -> str:

@@ -109,10 +109,10 @@ def validate(desired: DesiredState, facts: CertificateFacts, now: float,
     invalid: list[Invalid] = []
     claimed: dict[tuple, str] = {}
     for row in desired.interfaces:
-        if not is_ipsec_interface(row):
-            continue
         result = memo.get(row)
         if result is None:
+            if not is_ipsec_interface(row):
+                continue
             try:
                 result = _validate_tunnel(row, desired.global_config, local_identity, global_problem, facts, now)
             except _Reject as reject:

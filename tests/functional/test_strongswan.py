@@ -10,9 +10,11 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import ovs_ipsec
 from conftest import add_pair, add_tunnel, charon_conns, charon_secrets, ike_sa_ids
 from ovs_ipsec.sandbox import wait_for
 
@@ -221,3 +223,29 @@ def _port_label(port: int, protocol: str) -> str:
         return socket.getservbyport(port, protocol)
     except OSError:
         return str(port)
+
+
+def test_drop_in_invocation_and_ovs_appctl_by_program_name(sandbox):
+    """Upstream's command line and `ovs-appctl -t ovs-monitor-ipsec` (found through the pidfile)."""
+    a = sandbox.add_host("a", "10.231.0.1/24")
+    b = sandbox.add_host("b", "10.231.0.2/24")
+    for host in (a, b):
+        host.start_ovsdb()
+        host.start_charon()
+    b.start_monitor()
+    monitor = [str(Path(sys.executable).parent / "ovs-monitor-ipsec"), "--pidfile", "--detach", "--no-chdir",
+               "--log-file", "--ike-daemon=strongswan", "--no-restart-ike-daemon",
+               f"--root-prefix={a.workdir}/root", f"--vici-uri=unix://{a.vici_path}", a.db]
+    subprocess.run(a.netns(*monitor), env=a.env, check=True, timeout=60)
+    try:
+        add_pair(a, b, "tun", "geneve", psk="swordfish")
+        appctl = ["ovs-appctl", "-t", "ovs-monitor-ipsec"]
+        shown = wait_for(lambda: "State:          established" in (out := subprocess.run(
+            appctl + ["tunnels/show"], env=a.env, capture_output=True, text=True).stdout) and out, 20,
+            what="tunnels/show through the program name")
+        assert "Interface name: tun v1 (CONFIGURED)" in shown
+        assert (a.workdir / "ovs-monitor-ipsec.log").exists()
+        version = subprocess.run(appctl + ["version"], env=a.env, capture_output=True, text=True).stdout
+        assert ovs_ipsec.__version__ in version
+    finally:
+        subprocess.run(["ovs-appctl", "-t", "ovs-monitor-ipsec", "exit", "--no-cleanup"], env=a.env, timeout=30)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from ..backends.base import Backend
 from ..errors import BackendError
-from ..model import DesiredState, ObservedSA, ObservedState, ValidatedState
+from ..model import DesiredState, ObservedSA, ObservedState, Tunnel, ValidatedState
 from ..planner import (
-    Action, Initiate, LoadConn, LoadSecret, Memory, Peering, TerminateChild, UnloadConn, UnloadSecret,
+    Action, Initiate, LoadConn, LoadSecret, Memory, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
     group_peerings, plan, secret_digest,
 )
 from ..status.snapshot import StatusSnapshot, build_snapshot
@@ -60,6 +60,7 @@ class Reconciler:
         self._peerings: dict[str, Peering] = {}
         self._memo: dict = {}
         self._memo_context: object = None
+        self._naming_cache = NamingCache(backend.naming)
         self._observed = EMPTY
         self._secret_digests: dict[str, str] = {}
         self._backoff = Backoff()
@@ -179,7 +180,7 @@ class Reconciler:
         if context != self._memo_context:
             self._memo, self._memo_context = {}, context
         validated = validate(desired, facts, now, memo=self._memo)
-        peerings, conflicts = group_peerings(validated.tunnels, self._backend.naming)
+        peerings, conflicts = group_peerings(validated.tunnels, self._naming_cache.naming_for(validated.tunnels))
         if conflicts:
             clashing = {invalid.name for invalid in conflicts}
             validated = ValidatedState(tuple(t for t in validated.tunnels if t.name not in clashing),
@@ -318,6 +319,32 @@ class Reconciler:
         for name in self._reported.keys() - current.keys():
             log.info("tunnel %s: removed", name)
         self._reported = current
+
+
+class NamingCache:
+    """Backend names per tunnel, computed once per distinct tunnel.
+
+    Names are digests of the rendered parameters; recomputing them for every tunnel on every
+    OVSDB change would make a one-tunnel change cost O(N) hashes. Tunnels are frozen, so a
+    tunnel seen before has the same names.
+    """
+
+    def __init__(self, naming: Naming) -> None:
+        self._naming = naming
+        # Keyed by identity (validation reuses the Tunnel object of an unchanged row): hashing
+        # every field of thousands of tunnels per change would cost more than it saves.
+        self._names: dict[int, tuple[Tunnel, tuple[str, str | None, tuple[str, ...]]]] = {}
+
+    def naming_for(self, tunnels: Iterable[Tunnel]) -> Naming:
+        previous, self._names = self._names, {}
+        for tunnel in tunnels:
+            entry = previous.get(id(tunnel))
+            if entry is None or entry[0] is not tunnel:
+                entry = (tunnel, (self._naming.conn_name(tunnel), self._naming.secret_id(tunnel),
+                                  self._naming.child_names(tunnel)))
+            self._names[id(tunnel)] = entry
+        return Naming(conn_name=lambda t: self._names[id(t)][1][0], secret_id=lambda t: self._names[id(t)][1][1],
+                      child_names=lambda t: self._names[id(t)][1][2])
 
 
 def _conn_of(action: Action) -> str:
