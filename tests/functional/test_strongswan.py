@@ -249,3 +249,17 @@ def test_drop_in_invocation_and_ovs_appctl_by_program_name(sandbox):
         assert ovs_ipsec.__version__ in version
     finally:
         subprocess.run(["ovs-appctl", "-t", "ovs-monitor-ipsec", "exit", "--no-cleanup"], env=a.env, timeout=30)
+
+
+def test_ovsdb_server_restart_changes_nothing_in_charon(two_hosts):
+    a, b = two_hosts
+    add_pair(a, b, "tun", "geneve", psk="swordfish")
+    conn = a.wait_state("tun", "established")["conn"]
+    sa = ike_sa_ids(a)[conn]
+    a.stop_ovsdb()
+    a.start_ovsdb()  # same database file: the monitor's IDL reconnects and re-reads everything
+    add_tunnel(a, b, "after", "gre", family=6, psk="swordfish")  # seen only once it has re-read
+    add_tunnel(b, a, "after", "gre", family=6, psk="swordfish")
+    a.wait_state("after", "established", timeout=60)
+    assert a.tunnel("tun")["state"] == "established"
+    assert ike_sa_ids(a)[conn] == sa

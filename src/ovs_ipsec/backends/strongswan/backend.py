@@ -156,7 +156,9 @@ class StrongSwanBackend:
                     if self._stop.is_set():
                         break
                     if label is not None:
-                        names = parse.event_conn_names(message)
+                        names = frozenset(filter(render.is_ours, parse.event_conn_names(message)))
+                        if not names:
+                            continue  # someone else's SA: none of our business
                         log.debug("VICI event %s about %s", parse.text(label), ", ".join(sorted(names)))
                         on_change(names)
             except (OSError, vici.exception.SessionException) as exc:
