@@ -1,0 +1,106 @@
+"""Running commands inside the VM: every command is logged to the scenario's commands.log."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+class CommandError(RuntimeError):
+    pass
+
+
+class Shell:
+    """Runs commands for one scenario and keeps a transcript (the first place to look on failure)."""
+
+    def __init__(self, transcript: Path):
+        self.transcript = transcript
+        self._lock = threading.Lock()   # the two hosts start their daemons in parallel
+
+    def _note(self, text: str) -> None:
+        with self._lock, open(self.transcript, "a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+    def run(self, argv: list, *, netns: str = None, env: dict = None, check: bool = True,
+            timeout: float = 60, log: Path = None) -> subprocess.CompletedProcess:
+        """Run to completion. With `log`, output goes to that file instead of pipes: a daemon
+        that --detach'es may keep inherited pipes open, and reading them would then hang."""
+        argv = [str(a) for a in argv]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        full_env = dict(os.environ, **(env or {}))
+        t = time.monotonic()
+        try:
+            if log:
+                with open(log, "a") as f:
+                    cp = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=full_env,
+                                        timeout=timeout, stdin=subprocess.DEVNULL)
+                cp.stdout, cp.stderr = log.read_text(errors="replace")[-2000:], ""
+            else:
+                cp = subprocess.run(argv, capture_output=True, text=True, errors="replace", env=full_env,
+                                    timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            self._note(f"$ {' '.join(argv)}\n  TIMEOUT after {timeout}s")
+            raise CommandError(f"timed out after {timeout}s: {' '.join(argv)}") from e
+        out = (cp.stdout + cp.stderr).strip()
+        self._note(f"$ {' '.join(argv)}  [rc={cp.returncode}, {time.monotonic() - t:.1f}s]"
+                   + (("\n  " + out.replace("\n", "\n  ")) if out else ""))
+        if check and cp.returncode != 0:
+            raise CommandError(f"rc={cp.returncode}: {' '.join(argv)}: {out[-400:]}")
+        return cp
+
+    def spawn(self, argv: list, *, netns: str = None, env: dict = None, log: Path) -> subprocess.Popen:
+        """Start a long-running process in the background; stop it with stop_pid(proc.pid)."""
+        argv = [str(a) for a in argv]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self._note(f"$ {' '.join(argv)} &  (output: {log})")
+        with open(log, "w") as out:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, **(env or {})), start_new_session=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"   # a zombie has exited already
+    except FileNotFoundError:
+        return False
+
+
+def stop_pid(pid: int, sig=signal.SIGTERM, grace: float = 5.0) -> None:
+    """Stop one process we started: SIGTERM, then SIGKILL after `grace` seconds."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_pidfile(pidfile: Path, grace: float = 5.0) -> None:
+    """Stop a daemon that wrote its pid with --pidfile (ovsdb-server, ovs-vswitchd, the monitor)."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return
+    stop_pid(pid, grace=grace)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

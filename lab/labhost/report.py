@@ -1,0 +1,57 @@
+"""Turn the guest's console output into lab/results/latest.json and a table."""
+
+import json
+import re
+from pathlib import Path
+
+RESULT_LINE = re.compile(r"^LAB-RESULT (\{.*\})\s*$")
+KERNEL_LINE = re.compile(r"^LAB: userspace up at .*kernel (\S+)")
+
+
+def collect(console: Path, expected: list) -> tuple:
+    """(kernel, results): the guest's LAB-RESULT lines in order, plus a failed entry for every
+    expected scenario that printed none (the VM crashed or timed out before reaching it)."""
+    kernel, results = None, []
+    for line in console.read_text(errors="replace").splitlines():
+        line = line.rstrip("\r")
+        if m := KERNEL_LINE.match(line):
+            kernel = m.group(1)
+        elif m := RESULT_LINE.match(line):
+            try:
+                results.append(json.loads(m.group(1)))
+            except ValueError:
+                pass
+    seen = {r.get("name") for r in results}
+    for sc in expected:
+        if sc["name"] not in seen:
+            results.append({
+                "name": sc["name"], "tunnel": sc["tunnel"], "auth": sc["auth"], "backend": sc["backend"],
+                "ping_ok": False, "esp_packets": None, "plaintext_packets": None, "status_ok": False,
+                "pass": False, "error": "no result from the VM (see console.log)"})
+    return kernel, results
+
+
+def write(path: Path, kernel: str, results: list, extra: dict) -> None:
+    path.write_text(json.dumps({"kernel": kernel, "scenarios": results, **extra}, indent=2) + "\n")
+
+
+def table(results: list) -> str:
+    cols = [("scenario", "name"), ("tunnel", "tunnel"), ("auth", "auth"), ("backend", "backend"),
+            ("ping", "ping_ok"), ("esp", "esp_packets"), ("plain", "plaintext_packets"),
+            ("status", "status_ok"), ("secs", "seconds"), ("result", "pass")]
+
+    def cell(res, key):
+        v = res.get(key)
+        if key == "pass":
+            return "PASS" if v else "FAIL"
+        if isinstance(v, bool):
+            return "ok" if v else "NO"
+        return "-" if v is None else str(v)
+
+    rows = [[h for h, _ in cols]] + [[cell(r, k) for _, k in cols] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    for r in results:
+        if r.get("error"):
+            lines.append(f"{r['name']}: {r['error']}")
+    return "\n".join(lines)
