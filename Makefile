@@ -2,13 +2,17 @@
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: setup demo check unit functional lab bench
+.PHONY: setup demo demo-ovn check unit functional lab bench
 
 setup:
 	@scripts/setup.sh
 
 demo: setup
 	$(PYTHON) scripts/demo.py
+
+# OVN: a central and a full mesh of chassis, ipsec=true to ipsec=false.
+demo-ovn: setup
+	$(PYTHON) scripts/demo_ovn.py
 
 # Unit tests, functional tests against real daemons, then the real-kernel lab.
 check: setup

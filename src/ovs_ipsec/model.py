@@ -169,3 +169,18 @@ DEFAULT_PORTS = {
     TunnelType.VXLAN: 4789,
     TunnelType.STT: 7471,
 }
+
+
+@dataclass(frozen=True, order=True)
+class SkbMark:
+    """other_config:ipsec_skb_mark as numbers: a packet matches when (its mark & mask) == value."""
+
+    value: int
+    mask: int
+
+    def __str__(self) -> str:
+        return f"{_mark_number(self.value)}/{_mark_number(self.mask)}"
+
+
+def _mark_number(number: int) -> str:
+    return str(number) if number < 10 else f"{number:#x}"

@@ -12,6 +12,7 @@ from .errors import CommandError
 class Completed:
     stdout: str
     stderr: str
+    returncode: int = 0  # only ever non-zero with check=False
 
 
 def run(argv: list[str], timeout: float = 30.0, input_text: str | None = None,
@@ -34,4 +35,4 @@ def run(argv: list[str], timeout: float = 30.0, input_text: str | None = None,
         raise CommandError(argv, f"timed out after {timeout:g} s") from exc
     if check and proc.returncode != 0:
         raise CommandError(argv, f"exited with status {proc.returncode}", stderr)
-    return Completed(stdout, stderr)
+    return Completed(stdout, stderr, proc.returncode)

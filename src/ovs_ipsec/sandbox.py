@@ -21,6 +21,9 @@ from pathlib import Path
 from .runner import run
 
 CHARON = "/usr/sbin/charon-systemd"
+# LibreSwan conflicts with strongSwan as a Debian package: scripts/setup-libreswan.sh extracts its
+# .deb here, and pluto runs from there in a private mount namespace (see Host.start_pluto).
+LIBRESWAN_ROOT = os.path.join(os.environ.get("LIBRESWAN_ROOT", "/var/cache/ovs-ipsec/libreswan"), "root")
 CHARON_PLUGINS = ("random nonce openssl pem pkcs1 pkcs8 x509 revocation constraints pubkey aes sha1 sha2 "
                   "hmac gcm kdf curve25519 kernel-netlink socket-default vici")
 
@@ -45,6 +48,8 @@ class Host:
     device: str
     charon_pid: int | None = None
     extra_charon_conf: str = ""
+    ike_daemon: str = "strongswan"  # or "libreswan": pluto instead of charon
+    pluto_pid: int | None = None
     started: list[str] = field(default_factory=list)
 
     @property
@@ -137,12 +142,82 @@ class Host:
         sock.connect(self.vici_path)
         return vici.Session(sock)
 
+    # -- pluto (LibreSwan) -----------------------------------------------------------------
+    # The monitor sees a root prefix <workdir>/root holding what a LibreSwan host has: an `ipsec`
+    # command (a wrapper around the extracted one), /etc/ipsec.conf and ipsec.secrets that include
+    # /etc/ipsec.d/*.conf|*.secrets (as Debian's do), the NSS database in /nss and pluto's
+    # control socket in /run.
+
+    @property
+    def lsw_root(self) -> Path:
+        return self.workdir / "root"
+
+    @property
+    def pluto_ctl(self) -> str:
+        return f"{self.lsw_root}/run/pluto.ctl"
+
+    def ipsec(self, *args: str, timeout: float = 30, check: bool = True) -> str:
+        return run([f"{self.lsw_root}/usr/sbin/ipsec", *args], timeout=timeout, check=check).stdout
+
+    def whack(self, *args: str, check: bool = True) -> str:
+        return self.ipsec("whack", "--ctlsocket", self.pluto_ctl, *args, check=check)
+
+    def start_pluto(self) -> None:
+        root, execdir = self.lsw_root, f"{LIBRESWAN_ROOT}/usr/libexec/ipsec"
+        for sub in ("usr/sbin", "etc/ipsec.d", "nss", "run"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        wrapper = root / "usr/sbin/ipsec"
+        wrapper.write_text(f"#!/bin/sh\nexport IPSEC_EXECDIR={execdir} IPSEC_SBINDIR={LIBRESWAN_ROOT}/usr/sbin\n"
+                           f"exec {LIBRESWAN_ROOT}/usr/sbin/ipsec \"$@\"\n")
+        wrapper.chmod(0o755)
+        if not (root / "nss/cert9.db").exists():
+            run(["certutil", "-N", "-d", f"sql:{root}/nss", "--empty-password"])
+        conf, secrets = root / "etc/ipsec.conf", root / "etc/ipsec.secrets"
+        if not conf.exists():
+            conf.write_text(f"config setup\n    logtime=yes\n    logappend=yes\n\ninclude {root}/etc/ipsec.d/*.conf\n")
+        if not secrets.exists():
+            secrets.write_text(f"include {root}/etc/ipsec.d/*.secrets\n")
+        for stale in ("pluto.pid", "pluto.ctl"):
+            try:
+                (root / "run" / stale).unlink()
+            except FileNotFoundError:
+                pass
+        # pluto runs /usr/libexec/ipsec/addconn (a compiled-in path) at startup: a private mount
+        # namespace overlays the extracted libexec on the real one, for pluto alone.
+        script = (f"mount -t overlay ovs-ipsec-lsw -o lowerdir={LIBRESWAN_ROOT}/usr/libexec:/usr/libexec /usr/libexec"
+                  f" && mount -t tmpfs ovs-ipsec-lsw-run /run && mkdir -p /run/pluto"
+                  f" && exec {execdir}/pluto --config {conf} --secretsfile {secrets} --nssdir {root}/nss"
+                  f" --rundir {root}/run --ipsecdir {root}/etc/ipsec.d --logfile {self.workdir}/pluto.log")
+        with open(self.workdir / "pluto.out", "ab") as log:
+            subprocess.run(self.netns("unshare", "-m", "--propagation", "private", "sh", "-c", script),
+                           stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True, timeout=30,
+                           start_new_session=True)
+        wait_for(lambda: _socket_answers(self.pluto_ctl), 20, what=f"pluto control socket on {self.name}")
+        self.pluto_pid = wait_for(lambda: _read_pid(root / "run/pluto.pid"), 10, what="pluto's pid file")
+
+    def stop_pluto(self, hard: bool = False) -> None:
+        if self.pluto_pid is not None:
+            _kill_pid(self.pluto_pid, signal.SIGKILL if hard else signal.SIGTERM)
+            self.pluto_pid = None
+
     # -- the monitor -----------------------------------------------------------------------
+
+    def daemon_flags(self) -> list[str]:
+        if self.ike_daemon == "libreswan":
+            return ["--ike-daemon=libreswan", f"--root-prefix={self.lsw_root}", "--ipsec-conf=/etc/ipsec.conf",
+                    "--ipsec-secrets=/etc/ipsec.secrets", "--ipsec-d=/nss", "--ipsec-ctl=/run/pluto.ctl"]
+        return [f"--vici-uri=unix://{self.vici_path}"]
+
+    def start_ike_daemon(self) -> None:
+        self.start_pluto() if self.ike_daemon == "libreswan" else self.start_charon()
+
+    def stop_ike_daemon(self, hard: bool = False) -> None:
+        self.stop_pluto(hard) if self.ike_daemon == "libreswan" else self.stop_charon(hard)
 
     def start_monitor(self, *extra: str) -> None:
         d = self.workdir
         argv = self.netns(sys.executable, "-m", "ovs_ipsec.cli.main", "monitor", self.db,
-                          f"--vici-uri=unix://{self.vici_path}", f"--unixctl={self.unixctl}",
+                          *self.daemon_flags(), f"--unixctl={self.unixctl}",
                           f"--pidfile={d}/ovs-monitor-ipsec.pid", f"--log-file={d}/ovs-monitor-ipsec.log",
                           "--detach", "--no-chdir", "-vconsole:off", *extra)
         subprocess.run(argv, env=self.env, check=True, timeout=60)
@@ -184,7 +259,7 @@ class Host:
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
-        for stop in (lambda: self.stop_monitor(hard=True), self.stop_charon, self.stop_ovsdb):
+        for stop in (lambda: self.stop_monitor(hard=True), self.stop_charon, self.stop_pluto, self.stop_ovsdb):
             try:
                 stop()
             except Exception:  # keep tearing down the rest
@@ -205,7 +280,7 @@ class Sandbox:
         run(["ip", "-n", self._switch, "link", "add", "br0", "type", "bridge"])
         run(["ip", "-n", self._switch, "link", "set", "br0", "up"])
 
-    def add_host(self, name: str, *addresses: str, extra_charon_conf: str = "") -> Host:
+    def add_host(self, name: str, *addresses: str, extra_charon_conf: str = "", ike_daemon: str = "strongswan") -> Host:
         """A namespace `<prefix><name>` wired to the switch; addresses are CIDRs (v4 or v6)."""
         netns = f"{self.prefix}{name}"
         index = len(self.hosts)
@@ -221,7 +296,7 @@ class Sandbox:
         workdir = self.workdir / name
         workdir.mkdir(parents=True, exist_ok=True)
         host = Host(netns, workdir, tuple(a.split("/")[0] for a in addresses), device,
-                    extra_charon_conf=extra_charon_conf)
+                    extra_charon_conf=extra_charon_conf, ike_daemon=ike_daemon)
         self.hosts.append(host)
         return host
 

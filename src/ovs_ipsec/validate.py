@@ -19,6 +19,7 @@ from .model import (
     GlobalConfig,
     InterfaceRow,
     Invalid,
+    SkbMark,
     Tunnel,
     TunnelType,
     ValidatedState,
@@ -272,6 +273,35 @@ def _ike_options(options: dict[str, str]) -> tuple[tuple[tuple[str, str], ...], 
     # LibreSwan's `encapsulation` and strongSwan's `forceencaps` mean the same thing: always UDP-encapsulate.
     forceencaps = any(name in ("encapsulation", "forceencaps") and value in ("yes", "true") for name, value in chosen)
     return tuple(chosen), forceencaps
+
+
+_MARK_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]{1,8}|[0-9]{1,10})$")
+
+
+def parse_skb_mark(text: str) -> SkbMark:
+    """other_config:ipsec_skb_mark `value/mask` (or `value`, mask 0xffffffff), decimal or 0x hex.
+
+    Raises ValueError with the message an operator needs. The value must fit in the mask: a bit
+    of the value outside the mask could never match, and the guard would silently block nothing.
+    """
+    usage = "expected value/mask such as 0/1 or 1/1, each a 32-bit number in decimal or 0x hex"
+    value_text, slash, mask_text = text.strip().partition("/")
+    if not slash:
+        mask_text = "0xffffffff"
+    numbers = []
+    for part, what in ((value_text, "value"), (mask_text, "mask")):
+        part = part.strip()
+        if not _MARK_NUMBER.match(part):
+            raise ValueError(f"other_config:ipsec_skb_mark {text!r}: {what} {part!r} is not a number ({usage})")
+        number = int(part, 0) if part.lower().startswith("0x") else int(part)
+        if number > 0xFFFFFFFF:
+            raise ValueError(f"other_config:ipsec_skb_mark {text!r}: {what} {part!r} does not fit in 32 bits ({usage})")
+        numbers.append(number)
+    value, mask = numbers
+    if value & ~mask:
+        raise ValueError(f"other_config:ipsec_skb_mark {text!r}: value {value:#x} has bits outside mask {mask:#x}, "
+                         "so no packet could ever match it")
+    return SkbMark(value, mask)
 
 
 def _invalid(row: InterfaceRow, reason: str) -> Invalid:

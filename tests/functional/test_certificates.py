@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import add_pair, add_tunnel, charon_conns, ike_sa_ids
+from tunnels import add_pair, add_tunnel, charon_conns, ike_sa_ids
 from ovs_ipsec.sandbox import wait_for
 
 PKI = [sys.executable, "-m", "ovs_ipsec.cli.pki_main"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import ovs_ipsec
-from conftest import add_pair, add_tunnel, charon_conns, charon_secrets, ike_sa_ids
+from tunnels import add_pair, add_tunnel, charon_conns, charon_secrets, ike_sa_ids
 from ovs_ipsec.sandbox import wait_for
 
 
@@ -166,10 +166,10 @@ def test_bad_input_is_invalid_and_the_valid_tunnel_stays_up(two_hosts, options, 
     a.appctl("refresh")
     assert ike_sa_ids(a)[conn] == sa_before
     assert charon_conns(a) == conns_before  # nothing of the bad tunnel reached charon
-    assert a.log_text().count("tunnel bad: invalid") == 1  # logged once, not on every wake
+    assert a.log_text().count("event=tunnel_invalid tunnel=bad ") == 1  # logged once, not on every wake
     a.vsctl("set", "interface", "good", "options:ipsec_dpd-delay=20s")  # another change: still once
     a.wait_state("good", "established")
-    assert a.log_text().count("tunnel bad: invalid") == 1
+    assert a.log_text().count("event=tunnel_invalid tunnel=bad ") == 1
 
 
 def test_parameter_change_replaces_only_that_connection(two_hosts):
@@ -204,7 +204,7 @@ def test_status_command_prints_table_and_json(two_hosts):
     a.wait_state("tun", "established")
     cli = [sys.executable, "-m", "ovs_ipsec.cli.main", "status", f"--unixctl={a.unixctl}"]
     table = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
-    assert table.splitlines()[0].split()[:6] == ["NAME", "TYPE", "LOCAL", "REMOTE", "AUTH", "STATE"]
+    assert table.splitlines()[0].split()[:6] == ["TUNNEL", "TYPE", "STATE", "PEER", "AUTH", "SAS"]
     assert "tun" in table and "established" in table
     data = json.loads(subprocess.run(cli + ["--json"], capture_output=True, text=True, check=True).stdout)
     (tunnel,) = data["tunnels"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import desired, row
+from builders import desired, row
 from golden import assert_golden
 from ovs_ipsec.backends.strongswan import render
 from ovs_ipsec.model import AuthMethod, Tunnel, TunnelType

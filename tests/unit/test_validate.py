@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import desired, row
+from builders import desired, row
 from ovs_ipsec.model import AuthMethod, TunnelType
 from ovs_ipsec.validate import CertificateFacts, validate
 

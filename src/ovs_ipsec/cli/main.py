@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -68,6 +69,10 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds before a call to the IKE daemon is abandoned (capped at 30 for VICI)")
     parser.add_argument("--resync-interval", type=float, default=60.0,
                         help="seconds between full comparisons with the IKE daemon (default 60)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (default: off)")
+    parser.add_argument("--events-file", metavar="PATH",
+                        help="also append each event (tunnel up/down/invalid/error, ...) as a JSON line to PATH")
     for option in ("--ipsec-conf", "--root-ipsec-conf", "--ipsec-d", "--ipsec-secrets", "--ipsec-ctl"):
         parser.add_argument(option, help="LibreSwan only")
     parser.add_argument("--use-default-crypto", action="store_true", help="LibreSwan only")
@@ -81,26 +86,39 @@ def run_monitor(args: argparse.Namespace) -> int:
     import ovs.vlog
 
     from ..backends.strongswan.backend import StrongSwanBackend
-    from ..daemon.loop import Monitor
+    from ..daemon.loop import Monitor, Wakeup
     from ..daemon.reconciler import Reconciler
+    from ..guard.enforcer import PlaintextGuard
+    from ..guard.xfrm import XfrmPolicyInstaller
     from ..ovsdb.reader import OvsdbReader
     from ..pki.inspect import CertificateInspector
+    from ..status.events import EventLog
+    from ..status.metrics import MetricsServer, parse_address
     from . import logbridge
 
     logbridge.install("ovs_ipsec")  # vlog modules must exist before vlog is initialised
     ovs.vlog.handle_args(args)
     ovs.daemon.handle_args(args)
-    if args.ike_daemon != "strongswan":
-        print(f"{MONITOR_PROGRAM}: the {args.ike_daemon} backend is not available in this version", file=sys.stderr)
-        return 1
     vici_uri = args.vici_uri or f"unix://{args.root_prefix}/var/run/charon.vici"
     try:
         reader = OvsdbReader(args.database)
+        # Bound before detaching, so a bad or busy address is reported here; served after the fork.
+        metrics = MetricsServer(parse_address(args.metrics_address)) if args.metrics_address else None
+        events = EventLog(logging.getLogger("ovs_ipsec.events"),  # absolute: daemonize may chdir to /
+                          os.path.abspath(args.events_file) if args.events_file else None)
         # Fork before any thread starts: threads do not survive fork().
         ovs.daemon.daemonize()
-        backend = StrongSwanBackend(vici_uri, timeout=min(float(args.command_timeout), 30.0))
-        reconciler = Reconciler(backend, CertificateInspector(), resync_interval=args.resync_interval)
-        Monitor(reader, reconciler, args.unixctl).run()
+        if args.ike_daemon == "libreswan":
+            from ..backends.libreswan.backend import LibreSwanBackend
+
+            backend = LibreSwanBackend.from_args(args)
+        else:
+            backend = StrongSwanBackend(vici_uri, timeout=min(float(args.command_timeout), 30.0))
+        wakeup = Wakeup()
+        reconciler = Reconciler(backend, CertificateInspector(), resync_interval=args.resync_interval,
+                                events=events, on_publish=wakeup.notify,
+                                guard=PlaintextGuard(XfrmPolicyInstaller(timeout=float(min(args.command_timeout, 30)))))
+        Monitor(reader, reconciler, args.unixctl, wakeup=wakeup, metrics_server=metrics).run()
     except OvsIpsecError as exc:
         print(f"{MONITOR_PROGRAM}: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ so `ovs-appctl` always gets an answer even while the IKE daemon is stuck.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import ovs.poller
@@ -16,6 +17,8 @@ import ovs.unixctl.server
 from .. import __version__
 from ..errors import OvsIpsecError
 from ..ovsdb.reader import OvsdbReader
+from ..ovsdb.writer import InterfaceStatusWriter
+from ..status.metrics import MetricsServer, render_metrics
 from ..status.render import render_json, render_show
 from .reconciler import Reconciler
 
@@ -24,11 +27,49 @@ log = logging.getLogger("ovs_ipsec.monitor")
 REFRESH_WAIT_SECONDS = 15.0
 
 
+class Wakeup:
+    """A self-pipe: another thread calls `notify()`, the main loop's poller wakes up.
+
+    Chosen over polling the snapshot on a short timer: the write-back follows a new status within
+    milliseconds, and an idle monitor does not wake at all.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def notify(self) -> None:
+        try:
+            os.write(self._write, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: a wake-up is already pending
+
+    def drain(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, poller: ovs.poller.Poller) -> None:
+        poller.fd_wait(self._read, ovs.poller.POLLIN)
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
 class Monitor:
-    def __init__(self, reader: OvsdbReader, reconciler: Reconciler, unixctl_path: str | None) -> None:
+    def __init__(self, reader: OvsdbReader, reconciler: Reconciler, unixctl_path: str | None,
+                 wakeup: Wakeup | None = None, metrics_server: MetricsServer | None = None) -> None:
         self._reader = reader
         self._reconciler = reconciler
         self._exiting = False
+        self._cleanup_on_exit = False
+        # Observability: the status write-back (woken through `wakeup`, which the reconciler
+        # notifies on each new snapshot) and the optional metrics listener.
+        self._wakeup = wakeup or Wakeup()
+        self._status_writer = InterfaceStatusWriter(reader.idl)
+        self._metrics_server = metrics_server
         self._register_commands()
         error, self._server = ovs.unixctl.server.UnixctlServer.create(unixctl_path, version=__version__)
         if error:
@@ -36,6 +77,8 @@ class Monitor:
 
     def run(self) -> None:
         self._reconciler.start()
+        if self._metrics_server is not None:
+            self._metrics_server.start(self.metrics_text)
         try:
             while not self._exiting:
                 self._server.run()
@@ -43,13 +86,26 @@ class Monitor:
                     break
                 if self._reader.run():
                     self._reconciler.submit(self._reader.snapshot())
+                self._wakeup.drain()
+                self._status_writer.run(self._reconciler.snapshot)
                 poller = ovs.poller.Poller()
                 self._server.wait(poller)
                 self._reader.wait(poller)
+                self._wakeup.wait(poller)
+                self._status_writer.wait(poller)
                 poller.block()
         finally:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+            if self._cleanup_on_exit:
+                self._status_writer.clear()  # the connections are gone: so is their status
             self._server.close()
             self._reader.close()
+            self._wakeup.close()
+
+    def metrics_text(self) -> str:
+        """The Prometheus text; safe from any thread (the snapshot is immutable)."""
+        return render_metrics(self._reconciler.snapshot, self._reconciler.queue_depth(), time.time())
 
     # -- unixctl ---------------------------------------------------------------------------------
 
@@ -57,6 +113,7 @@ class Monitor:
         ovs.unixctl.command_register("tunnels/show", "[--json]", 0, 1, self._tunnels_show, None)
         ovs.unixctl.command_register("ipsec/status", "", 0, 0, self._ipsec_status, None)
         ovs.unixctl.command_register("refresh", "", 0, 0, self._refresh, None)
+        ovs.unixctl.command_register("metrics/show", "", 0, 0, self._metrics_show, None)
         ovs.unixctl.command_register("exit", "[--no-cleanup]", 0, 1, self._exit, None)
 
     def _tunnels_show(self, conn, argv, _aux) -> None:
@@ -68,6 +125,9 @@ class Monitor:
 
     def _ipsec_status(self, conn, _argv, _aux) -> None:
         conn.reply(render_json(self._reconciler.snapshot))
+
+    def _metrics_show(self, conn, _argv, _aux) -> None:
+        conn.reply(self.metrics_text())
 
     def _refresh(self, conn, _argv, _aux) -> None:
         started = time.monotonic()
@@ -85,4 +145,5 @@ class Monitor:
         log.info("exiting%s", " and removing every connection we created" if cleanup else " (no cleanup)")
         self._reconciler.stop(cleanup=cleanup)
         self._exiting = True
+        self._cleanup_on_exit = cleanup
         conn.reply(None)

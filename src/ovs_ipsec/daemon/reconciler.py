@@ -11,16 +11,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..backends.base import Backend
 from ..errors import BackendError
+from ..guard.enforcer import PlaintextGuard
 from ..model import DesiredState, ObservedSA, ObservedState, Tunnel, ValidatedState
 from ..planner import (
     Action, Initiate, LoadConn, LoadSecret, Memory, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
     group_peerings, plan, secret_digest,
 )
-from ..status.snapshot import StatusSnapshot, build_snapshot
+from ..status.events import EventLog, events_between
+from ..status.snapshot import StatusSnapshot, build_snapshot, certificate_statuses
 from ..validate import CertificateFacts, certificate_paths, validate
 from .backoff import Backoff
 
@@ -46,8 +48,17 @@ class _Inbox:
 
 class Reconciler:
     def __init__(self, backend: Backend, inspector, resync_interval: float = 60.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, events: EventLog | None = None,
+                 on_publish: Callable[[], None] = lambda: None, guard: PlaintextGuard | None = None) -> None:
         self._backend = backend
+        self._guard = guard  # the plaintext guard (kernel XFRM policies); None: not managed
+        # Observability: events go to `events`; `on_publish` is called (in this worker's thread)
+        # after each new snapshot, so the main loop can write it back to OVSDB at once.
+        self._events = events or EventLog(log)
+        self._on_publish = on_publish
+        self._facts = CertificateFacts()
+        self._pass_started = time.monotonic()
+        self._last_full_resync: float | None = None
         self._inspector = inspector
         self._resync_interval = resync_interval
         self._clock = clock
@@ -68,7 +79,6 @@ class Reconciler:
         self._progress: dict[str, tuple[bool, int]] = {}
         self._last_resync = 0.0
         self._daemon_error: str | None = None
-        self._reported: dict[str, tuple] = {}
         self.snapshot = StatusSnapshot.empty()
 
     # -- called from other threads ------------------------------------------------------------
@@ -99,6 +109,11 @@ class Reconciler:
             self._inbox.waiters.append(done)
             self._cond.notify()
         return done.wait(timeout)
+
+    def queue_depth(self) -> int:
+        """Connections marked dirty and not yet taken up by the worker (for metrics; any thread)."""
+        with self._cond:
+            return len(self._inbox.dirty_conns)
 
     def stop(self, cleanup: bool, timeout: float = 60.0) -> None:
         with self._cond:
@@ -140,6 +155,7 @@ class Reconciler:
         return max(0.0, wake - self._clock()) + 0.01
 
     def _pass(self, inbox: _Inbox) -> None:
+        self._pass_started = time.monotonic()
         now = self._clock()
         if inbox.desired is not None:
             self._desired_state = inbox.desired
@@ -147,9 +163,16 @@ class Reconciler:
             return  # nothing read from OVSDB yet: never act on an empty picture
         full = inbox.full_resync or now >= self._last_resync + self._resync_interval
         dirty = set(self._backoff.due(now)) | inbox.dirty_conns
+        guard_changed = False
+        invalid_before = self._validated.invalid
         if inbox.desired is not None or full:
             dirty |= self._revalidate(now)
+            guard_changed = self._enforce_guard(full)  # before anything reaches the IKE daemon
         if not (full or dirty):
+            # Nothing else in this pass would show the guard's new status, or an invalid tunnel
+            # that was fixed, removed, or stopped being an IPsec tunnel.
+            if guard_changed or self._validated.invalid != invalid_before:
+                self._publish(now)
             return
         try:
             self._observe(None if full or len(dirty) > SCOPED_OBSERVE_LIMIT else dirty)
@@ -158,7 +181,7 @@ class Reconciler:
             self._daemon_unreachable(exc, now)
             return
         if full:
-            self._last_resync = now
+            self._last_resync = self._last_full_resync = now
             dirty = set(self._peerings) | set(self._observed.conns) | set(self._observed.shared_secrets)
         self._note_progress(dirty)
         memory = Memory(self._secret_digests, self._backoff.not_before)
@@ -175,7 +198,7 @@ class Reconciler:
         when its inode, size or mtime changed), which is how in-place rotation is noticed.
         """
         desired = self._desired_state
-        facts = self._certificate_facts(desired)
+        facts = self._facts = self._certificate_facts(desired)
         context = (desired.global_config, facts, int(now // 3600))  # hourly: expiry depends on time
         if context != self._memo_context:
             self._memo, self._memo_context = {}, context
@@ -293,7 +316,20 @@ class Reconciler:
         self._last_resync = now - self._resync_interval + min(5.0, self._resync_interval)
         self._publish(now)
 
+    def _enforce_guard(self, full: bool) -> bool:
+        """Converge the plaintext guard (kernel XFRM policies); true when its status changed.
+
+        Called in every pass that read a new configuration, before any IKE action, and on every
+        full resync, which repairs policies removed or altered behind our back. It never needs
+        the IKE daemon, so it also runs while that one is down."""
+        if self._guard is None:
+            return False
+        desired = self._desired_state
+        return self._guard.enforce(desired.global_config.skb_mark, self._validated.tunnels, desired.interfaces, full)
+
     def _remove_everything(self) -> None:
+        if self._guard is not None:
+            self._guard.remove_all()
         try:
             for action in plan({}, self._backend.observe(None), Memory({}, {}), self._clock()):
                 self._backend.apply(action)
@@ -303,22 +339,22 @@ class Reconciler:
             log.error("cleanup on exit incomplete: %s", exc)
 
     def _publish(self, now: float) -> None:
+        global_config = self._desired_state.global_config
+        stats = self.snapshot.reconcile.after_pass(time.monotonic() - self._pass_started, self._last_full_resync,
+                                                   len(self._backoff.not_before))
         snapshot = build_snapshot(self._validated, self._peerings, self._observed, self._errors,
-                                  self._daemon_error, self._desired_state.global_config, self.snapshot, now)
-        self._log_transitions(snapshot)
+                                  self._daemon_error, global_config, self.snapshot, now,
+                                  certificates=certificate_statuses(global_config, self._facts), reconcile=stats)
+        if self._guard is not None:
+            snapshot = replace(snapshot, guard=self._guard.status)
+        self._log_transitions(snapshot, now)
         self.snapshot = snapshot
+        self._on_publish()
 
-    def _log_transitions(self, snapshot: StatusSnapshot) -> None:
-        """One line per change of state or reason: an invalid tunnel is reported once, not per pass."""
-        current = {t.name: (t.state, t.reason) for t in snapshot.tunnels}
-        for name, (state, reason) in current.items():
-            if self._reported.get(name) != (state, reason):
-                suffix = f": {reason}" if reason else ""
-                level = logging.WARNING if state in ("invalid", "error") else logging.INFO
-                log.log(level, "tunnel %s: %s%s", name, state, suffix)
-        for name in self._reported.keys() - current.keys():
-            log.info("tunnel %s: removed", name)
-        self._reported = current
+    def _log_transitions(self, snapshot: StatusSnapshot, now: float) -> None:
+        """One event per change of state or reason (an invalid tunnel is reported once, not per
+        pass), per removal and rekey, and per certificate entering its last days."""
+        self._events.emit(events_between(self.snapshot, snapshot, now))
 
 
 class NamingCache:

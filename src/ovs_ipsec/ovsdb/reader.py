@@ -17,6 +17,9 @@ from ..errors import OvsIpsecError
 from ..model import DesiredState, GlobalConfig, InterfaceRow
 
 INTERFACE_COLUMNS = ["name", "type", "options", "ofport", "cfm_fault"]
+# Replicated for the status writer (ovsdb/writer.py), which must see what it would change. Changes
+# to it alone are not changes to the desired state: they neither count nor mark a row dirty.
+WRITE_BACK_COLUMNS = frozenset({"external_ids"})
 OPEN_VSWITCH_COLUMNS = ["other_config"]
 SCHEMA_FILES = ("/usr/share/openvswitch/vswitch.ovsschema", "/usr/local/share/openvswitch/vswitch.ovsschema")
 
@@ -77,9 +80,14 @@ class _TrackingIdl(ovs.db.idl.Idl):
     def __init__(self, remote: str, schema_helper: ovs.db.idl.SchemaHelper) -> None:
         super().__init__(remote, schema_helper)
         self.changed_interfaces: set = set()
+        self.write_back_changes = 0  # of change_seqno's increments, those that touched only WRITE_BACK_COLUMNS
 
     def notify(self, event, row, updates=None):  # noqa: D401 - python-ovs hook
         if row._table.name == "Interface":
+            if event == ovs.db.idl.ROW_UPDATE and updates is not None and updates._data \
+                    and set(updates._data) <= WRITE_BACK_COLUMNS:
+                self.write_back_changes += 1
+                return
             self.changed_interfaces.add(row.uuid)
 
 
@@ -88,7 +96,7 @@ class OvsdbReader:
 
     def __init__(self, remote: str) -> None:
         helper = ovs.db.idl.SchemaHelper(schema_json=fetch_schema(remote))
-        helper.register_columns("Interface", INTERFACE_COLUMNS)
+        helper.register_columns("Interface", INTERFACE_COLUMNS + sorted(WRITE_BACK_COLUMNS))
         helper.register_columns("Open_vSwitch", OPEN_VSWITCH_COLUMNS)
         self._idl = _TrackingIdl(remote, helper)
         self._rows: dict = {}
@@ -97,7 +105,15 @@ class OvsdbReader:
     def run(self) -> bool:
         """Process what the server sent; true when a new snapshot is available."""
         self._idl.run()
-        return self._idl.has_ever_connected() and self._idl.change_seqno != self._seen_seqno
+        return self._idl.has_ever_connected() and self._relevant_seqno() != self._seen_seqno
+
+    @property
+    def idl(self) -> ovs.db.idl.Idl:
+        """The live IDL, for the status writer in this same (main) thread."""
+        return self._idl
+
+    def _relevant_seqno(self) -> int:
+        return self._idl.change_seqno - self._idl.write_back_changes
 
     def wait(self, poller: ovs.poller.Poller) -> None:
         self._idl.wait(poller)
@@ -106,7 +122,7 @@ class OvsdbReader:
         self._idl.close()
 
     def snapshot(self) -> DesiredState:
-        self._seen_seqno = self._idl.change_seqno
+        self._seen_seqno = self._relevant_seqno()
         changed, self._idl.changed_interfaces = self._idl.changed_interfaces, set()
         current = self._idl.tables["Interface"].rows
         rows = {}

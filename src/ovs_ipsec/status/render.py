@@ -23,8 +23,9 @@ def render_show(snapshot: StatusSnapshot) -> str:
     The "v1" version field is kept for layout compatibility; connection names here derive from
     the tunnel's parameters, so there is no version counter behind it.
     """
+    guard = _guard_line(snapshot.guard.as_json())
     if not snapshot.tunnels:
-        return "No tunnels configured with IPsec\n"
+        return "No tunnels configured with IPsec\n" + guard
     config = snapshot.global_config
     blocks = []
     for tunnel in snapshot.tunnels:
@@ -56,23 +57,64 @@ def render_show(snapshot: StatusSnapshot) -> str:
         lines.append("IPsec connections that are active:")
         lines += [f"  {line}" for line in tunnel.sa_lines]
         blocks.append("\n".join(lines) + "\n")
-    return "\n".join(blocks)
+    return "\n".join(blocks) + (f"\n{guard}" if guard else "")
 
 
 def render_table(status: dict, now: float) -> str:
-    """A table from the status JSON (the stable interface): one line per tunnel, reason last."""
-    header = ("NAME", "TYPE", "LOCAL", "REMOTE", "AUTH", "STATE", "IKE", "CHILD", "SINCE", "REASON")
+    """A table from the status JSON (the stable interface): one line per tunnel, reason last.
+
+    Made to scan a full mesh at a glance: the peer by name and address, SAs as IKE/child, a
+    count per state at the end. LOCAL appears only when the tunnels do not all share one.
+    """
+    tunnels = status.get("tunnels", [])
+    locals_ = {tunnel["local_ip"] for tunnel in tunnels}
+    show_local = len(locals_) > 1
+    header = ("TUNNEL", "TYPE", *(("LOCAL",) if show_local else ()), "STATE", "PEER", "AUTH", "SAS", "SINCE",
+              "REASON")
     rows = [header]
-    for tunnel in status.get("tunnels", []):
-        rows.append((tunnel["name"], tunnel["type"], tunnel["local_ip"] or "-", tunnel["remote_ip"] or "-",
-                     tunnel["auth"] or "-", tunnel["state"], str(tunnel["ike_sas"]), str(tunnel["child_sas"]),
-                     _age(tunnel.get("since"), now), tunnel["reason"] or ""))
+    for tunnel in tunnels:
+        rows.append((tunnel["name"], tunnel["type"], *((tunnel["local_ip"] or "-",) if show_local else ()),
+                     tunnel["state"], _peer(tunnel), tunnel["auth"] or "-",
+                     f"{tunnel['ike_sas']}/{tunnel['child_sas']}", _age(tunnel.get("since"), now),
+                     tunnel["reason"] or ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     out = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
+    out.append(_summary(tunnels, None if show_local or not tunnels else next(iter(locals_))))
     daemon = status.get("ike_daemon") or {}
     if daemon.get("error"):
         out.append(f"IKE daemon: {daemon['error']}")
+    guard = _guard_line(status.get("guard") or {})
+    if guard:
+        out.append(guard)
     return "\n".join(line.rstrip() for line in out) + "\n"
+
+
+def _guard_line(guard: dict) -> str:
+    """The plaintext guard in one line; nothing when it is off and fine (upstream's layout then)."""
+    mode, error = guard.get("mode", "off"), guard.get("error")
+    if mode == "off" and guard.get("in_place", True) and not error:
+        return ""
+    if guard.get("in_place", True):
+        state = f"{guard.get('policies', 0)} XFRM policies in place"
+    else:
+        state = f"NOT in place ({guard.get('policies', 0)} of {guard.get('wanted', 0)} XFRM policies)"
+    return f"Plaintext guard: {mode}, {state}" + (f"; {error}" if error else "") + "\n"
+
+
+def _peer(tunnel: dict) -> str:
+    remote_ip = tunnel["remote_ip"] or "-"
+    return f"{tunnel['remote_name']} ({remote_ip})" if tunnel.get("remote_name") else remote_ip
+
+
+def _summary(tunnels: list[dict], local_ip: str | None) -> str:
+    counts = {}
+    for tunnel in tunnels:
+        counts[tunnel["state"]] = counts.get(tunnel["state"], 0) + 1
+    order = [state.value for state in (TunnelState.ESTABLISHED, TunnelState.LOADED, TunnelState.PENDING,
+                                       TunnelState.ERROR, TunnelState.INVALID)]
+    parts = ", ".join(f"{counts[state]} {state}" for state in order if state in counts)
+    local = f" from {local_ip}" if local_ip else ""
+    return f"{len(tunnels)} tunnel{'' if len(tunnels) == 1 else 's'}{local}" + (f": {parts}" if parts else "")
 
 
 def _family(tunnel: TunnelStatus) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from ..guard.policy import GuardStatus
 from ..model import GlobalConfig, Invalid, ObservedState, Tunnel, TunnelState, ValidatedState
 from ..planner import Peering
+from ..validate import CertificateFacts
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,12 @@ class TunnelStatus:
     ofport: int | None = None
     cfm_fault: bool | None = None
     sa_lines: tuple[str, ...] = ()
+    # History, carried from one snapshot to the next (see `_with_history`); counters start at the
+    # monitor's start, as Prometheus counters do.
+    ike_sa_ids: tuple[str, ...] = ()  # unique ids of the established IKE SAs, newest first
+    established_at: float | None = None  # when the newest established IKE SA came up
+    rekeys: int = 0  # an established IKE SA replaced by a new one (rekey or reauthentication)
+    failures: int = 0  # entered `error`, or lost its IKE SA while established
 
     def as_json(self) -> dict:
         return {
@@ -43,7 +51,42 @@ class TunnelStatus:
             "ike_sas": self.ike_sas, "child_sas": self.child_sas, "since": self.since,
             "conn": self.conn, "initiator": self.initiator, "remote_name": self.remote_name,
             "dst_port": self.dst_port, "ofport": self.ofport,
+            "established_at": self.established_at, "rekeys": self.rekeys, "failures": self.failures,
         }
+
+
+@dataclass(frozen=True)
+class CertificateStatus:
+    """A certificate file in use and when it ends (no key material: paths and names only)."""
+
+    path: str
+    role: str  # "local" (other_config:certificate) | "ca" (other_config:ca_cert) | "peer" (remote_cert)
+    cn: str | None
+    not_after: float | None
+    error: str | None
+
+    def as_json(self) -> dict:
+        return {"path": self.path, "role": self.role, "cn": self.cn, "not_after": self.not_after,
+                "error": self.error}
+
+
+@dataclass(frozen=True)
+class ReconcileStats:
+    """How the worker is doing: for metrics, filled in by the reconciler when it publishes."""
+
+    passes: int = 0
+    last_pass_seconds: float = 0.0
+    total_pass_seconds: float = 0.0
+    last_full_resync: float | None = None  # when charon was last compared in full
+    retry_waiting: int = 0  # connections waiting for their backoff delay
+
+    def after_pass(self, seconds: float, last_full_resync: float | None, retry_waiting: int) -> ReconcileStats:
+        return ReconcileStats(self.passes + 1, seconds, self.total_pass_seconds + seconds, last_full_resync,
+                              retry_waiting)
+
+    def as_json(self) -> dict:
+        return {"passes": self.passes, "last_pass_seconds": self.last_pass_seconds,
+                "last_full_resync": self.last_full_resync, "retry_waiting": self.retry_waiting}
 
 
 @dataclass(frozen=True)
@@ -52,6 +95,9 @@ class StatusSnapshot:
     global_config: GlobalConfig
     ike_daemon_error: str | None
     taken_at: float | None
+    certificates: tuple[CertificateStatus, ...] = ()
+    reconcile: ReconcileStats = ReconcileStats()
+    guard: GuardStatus = GuardStatus()  # the plaintext guard (other_config:ipsec_skb_mark)
 
     @classmethod
     def empty(cls) -> StatusSnapshot:
@@ -63,23 +109,53 @@ class StatusSnapshot:
             "ike_daemon": {"reachable": self.ike_daemon_error is None, "error": self.ike_daemon_error},
             "skb_mark": self.global_config.skb_mark,
             "taken_at": self.taken_at,
+            "certificates": [certificate.as_json() for certificate in self.certificates],
+            "reconcile": self.reconcile.as_json(),
+            "guard": self.guard.as_json(),
         }
 
 
 def build_snapshot(validated: ValidatedState, peerings: Mapping[str, Peering], observed: ObservedState,
                    errors: Mapping[str, str], daemon_error: str | None, global_config: GlobalConfig,
-                   previous: StatusSnapshot, now: float) -> StatusSnapshot:
+                   previous: StatusSnapshot, now: float, certificates: tuple[CertificateStatus, ...] = (),
+                   reconcile: ReconcileStats = ReconcileStats()) -> StatusSnapshot:
     before = {tunnel.name: tunnel for tunnel in previous.tunnels}
     statuses = [_invalid_status(invalid) for invalid in validated.invalid]
     for peering in peerings.values():
         for tunnel in peering.tunnels:
-            statuses.append(_tunnel_status(tunnel, peering, observed, errors.get(peering.conn_name), daemon_error))
+            statuses.append(_tunnel_status(tunnel, peering, observed, errors.get(peering.conn_name), daemon_error,
+                                           now))
     stamped = []
     for status in sorted(statuses, key=lambda s: s.name):
         old = before.get(status.name)
         since = old.since if old is not None and old.state == status.state else now
-        stamped.append(replace(status, since=since))
-    return StatusSnapshot(tuple(stamped), global_config, daemon_error, now)
+        stamped.append(_with_history(replace(status, since=since), old))
+    return StatusSnapshot(tuple(stamped), global_config, daemon_error, now, certificates, reconcile)
+
+
+def _with_history(status: TunnelStatus, old: TunnelStatus | None) -> TunnelStatus:
+    """Carry counters and the established time over from the tunnel's previous status."""
+    if old is None:
+        return replace(status, failures=int(status.state is TunnelState.ERROR))
+    up_before, up_now = old.state is TunnelState.ESTABLISHED, status.state is TunnelState.ESTABLISHED
+    rekeys = old.rekeys + (len(set(status.ike_sa_ids) - set(old.ike_sa_ids)) if up_before and up_now else 0)
+    failed = ((status.state is TunnelState.ERROR and old.state is not TunnelState.ERROR)
+              or (up_before and status.state in (TunnelState.LOADED, TunnelState.PENDING)))
+    established_at = status.established_at
+    if up_now and old.ike_sa_ids[:1] == status.ike_sa_ids[:1] and old.established_at is not None:
+        # The same SA as before: its age from charon was exact when first seen, while the cached
+        # observation of an SA not looked at in this pass is stale.
+        established_at = old.established_at
+    return replace(status, rekeys=rekeys, failures=old.failures + failed, established_at=established_at)
+
+
+def certificate_statuses(global_config: GlobalConfig, facts: CertificateFacts) -> tuple[CertificateStatus, ...]:
+    """Every certificate file the validator looked at, with its role, for expiry metrics and events."""
+    def role(path: str) -> str:
+        return "local" if path == global_config.certificate else "ca" if path == global_config.ca_cert else "peer"
+
+    return tuple(CertificateStatus(path, role(path), cert.cn, cert.not_after, cert.error)
+                 for path, cert in sorted(facts.certs.items()))
 
 
 def _invalid_status(invalid: Invalid) -> TunnelStatus:
@@ -89,9 +165,9 @@ def _invalid_status(invalid: Invalid) -> TunnelStatus:
 
 
 def _tunnel_status(tunnel: Tunnel, peering: Peering, observed: ObservedState, error: str | None,
-                   daemon_error: str | None) -> TunnelStatus:
+                   daemon_error: str | None, now: float) -> TunnelStatus:
     sas = observed.sas_of(peering.conn_name)
-    up = [sa for sa in sas if sa.established]
+    up = sorted((sa for sa in sas if sa.established), key=lambda sa: sa.established_seconds or 0)
     mine = set(peering.children_of(tunnel.name))
     if error:
         state, reason = TunnelState.ERROR, error
@@ -115,4 +191,6 @@ def _tunnel_status(tunnel: Tunnel, peering: Peering, observed: ObservedState, er
         child_sas=sum(len(mine & set(sa.installed_children)) for sa in up), conn=peering.conn_name,
         initiator=peering.initiator, remote_name=tunnel.remote_name, local_name=tunnel.local_name,
         remote_cert=tunnel.remote_cert_pem is not None, dst_port=tunnel.dst_port,
-        ike_options=tunnel.ike_options, ofport=tunnel.ofport, cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines)
+        ike_options=tunnel.ike_options, ofport=tunnel.ofport, cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines,
+        ike_sa_ids=tuple(sa.unique_id for sa in up),
+        established_at=now - (up[0].established_seconds or 0) if up else None)

@@ -1,0 +1,186 @@
+"""Metrics in Prometheus' text exposition format (version 0.0.4), written directly.
+
+Pure core: `render_metrics(snapshot, queue_depth, now)` turns a status snapshot into text. The
+adapter, `MetricsServer`, serves it over HTTP on an address the operator chose (`--metrics-address`);
+`ovs-appctl -t ovs-monitor-ipsec metrics/show` prints the same text without any network listener.
+
+Only names, addresses, states, counts and times appear: never a key or a PSK.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..errors import OvsIpsecError
+from ..model import TunnelState
+from .snapshot import StatusSnapshot, TunnelStatus
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "ovs_ipsec_"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family: its HELP and TYPE lines, then its samples."""
+
+    name: str
+    kind: str  # gauge | counter | summary
+    help: str
+    samples: tuple[tuple[str, tuple[tuple[str, str], ...], float], ...]  # (suffix, labels, value)
+
+    def render(self) -> str:
+        lines = [f"# HELP {PREFIX}{self.name} {self.help}", f"# TYPE {PREFIX}{self.name} {self.kind}"]
+        for suffix, labels, value in self.samples:
+            label_text = ",".join(f'{key}="{_escape(text)}"' for key, text in labels)
+            lines.append(f"{PREFIX}{self.name}{suffix}{{{label_text}}} {_number(value)}" if labels
+                         else f"{PREFIX}{self.name}{suffix} {_number(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def render_metrics(snapshot: StatusSnapshot, queue_depth: int, now: float) -> str:
+    return "".join(family.render() for family in metric_families(snapshot, queue_depth, now))
+
+
+def metric_families(snapshot: StatusSnapshot, queue_depth: int, now: float) -> tuple[Family, ...]:
+    tunnels = snapshot.tunnels
+    reconcile = snapshot.reconcile
+    return (
+        _per_tunnel("tunnel_info", "gauge", "Tunnel parameters as labels (always 1).", tunnels,
+                    lambda t: 1.0, extra=lambda t: (("type", t.type), ("auth", t.auth or ""),
+                                                    ("local_ip", t.local_ip or ""),
+                                                    ("remote_name", t.remote_name or ""), ("conn", t.conn or ""))),
+        Family("tunnel_state", "gauge", "1 for the tunnel's current state, 0 for the others.", tuple(
+            ("", _labels(t) + (("state", state.value),), float(t.state is state))
+            for t in tunnels for state in TunnelState)),
+        _per_tunnel("tunnel_ike_sas", "gauge", "Established IKE SAs of the tunnel's connection.", tunnels,
+                    lambda t: t.ike_sas),
+        _per_tunnel("tunnel_child_sas", "gauge", "Installed child SAs of the tunnel.", tunnels,
+                    lambda t: t.child_sas),
+        _per_tunnel("tunnel_rekeys_total", "counter",
+                    "IKE SAs replaced while established (rekey or reauthentication) since the monitor started.",
+                    tunnels, lambda t: t.rekeys),
+        _per_tunnel("tunnel_failures_total", "counter",
+                    "Times the tunnel entered error or lost its IKE SA, since the monitor started.",
+                    tunnels, lambda t: t.failures),
+        _per_tunnel("tunnel_established_seconds", "gauge",
+                    "Seconds since the tunnel's current IKE SA was established (absent when not established).",
+                    [t for t in tunnels if t.established_at is not None],
+                    lambda t: max(0.0, now - t.established_at)),
+        _per_tunnel("tunnel_state_since_timestamp_seconds", "gauge",
+                    "When the tunnel entered its current state (Unix time).",
+                    [t for t in tunnels if t.since is not None], lambda t: t.since),
+        Family("tunnels", "gauge", "Tunnels per state.", tuple(
+            ("", (("state", state.value),), float(sum(t.state is state for t in tunnels))) for state in TunnelState)),
+        Family("ike_daemon_up", "gauge", "1 when the IKE daemon answered the last call.",
+               (("", (), float(snapshot.ike_daemon_error is None)),)),
+        Family("reconcile_duration_seconds", "summary", "Time spent in reconcile passes.",
+               (("_sum", (), reconcile.total_pass_seconds), ("_count", (), float(reconcile.passes)))),
+        Family("reconcile_last_duration_seconds", "gauge", "Duration of the last reconcile pass.",
+               (("", (), reconcile.last_pass_seconds),)),
+        Family("reconcile_queue_depth", "gauge", "Dirty connections waiting for the reconciler.",
+               (("", (), float(queue_depth)),)),
+        Family("reconcile_retry_waiting", "gauge", "Connections waiting for their retry delay (backoff).",
+               (("", (), float(reconcile.retry_waiting)),)),
+        Family("last_full_resync_timestamp_seconds", "gauge",
+               "When the IKE daemon was last compared in full (Unix time; absent before the first).",
+               (("", (), reconcile.last_full_resync),) if reconcile.last_full_resync is not None else ()),
+        Family("status_timestamp_seconds", "gauge", "When the status these metrics come from was taken.",
+               (("", (), snapshot.taken_at),) if snapshot.taken_at is not None else ()),
+        Family("certificate_expiry_timestamp_seconds", "gauge",
+               "When each certificate in use ends (notAfter, Unix time).", tuple(
+                   ("", (("path", c.path), ("role", c.role), ("cn", c.cn or "")), c.not_after)
+                   for c in snapshot.certificates if c.not_after is not None)),
+    )
+
+
+def _per_tunnel(name: str, kind: str, help_text: str, tunnels: Iterable[TunnelStatus],
+                value: Callable[[TunnelStatus], float],
+                extra: Callable[[TunnelStatus], tuple[tuple[str, str], ...]] = lambda t: ()) -> Family:
+    return Family(name, kind, help_text, tuple(("", _labels(t) + extra(t), float(value(t))) for t in tunnels))
+
+
+def _labels(tunnel: TunnelStatus) -> tuple[tuple[str, str], ...]:
+    return (("tunnel", tunnel.name), ("peer", tunnel.remote_ip or ""))
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+# -- the adapter -------------------------------------------------------------------------------------
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OvsIpsecError(f"--metrics-address {text!r}: expected HOST:PORT, [IPV6]:PORT or :PORT")
+    return host.strip("[]"), int(port)
+
+
+class MetricsServer:
+    """`GET /metrics` over HTTP, in its own thread, from whatever `render()` returns at that moment.
+
+    The socket is bound at construction, so a bad address is reported before the monitor detaches;
+    requests are served from `start()` on (after the fork: threads do not survive it). `render`
+    must be safe to call from the server's threads: the monitor passes a function that reads the
+    reconciler's last published snapshot (an immutable value) and its queue depth (under its lock).
+    """
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self._render: Callable[[], str] = lambda: ""
+        server_class = _server_class(address[0])
+        try:
+            self._server = server_class(address, _handler_for(lambda: self._render()))
+        except OSError as exc:
+            raise OvsIpsecError(f"cannot serve metrics on {address[0]}:{address[1]}: {exc}") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self, render: Callable[[], str]) -> None:
+        self._render = render
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+
+class _V6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _server_class(host: str) -> type[http.server.ThreadingHTTPServer]:
+    return _V6Server if ":" in host else http.server.ThreadingHTTPServer
+
+
+def _handler_for(render: Callable[[], str]) -> type[http.server.BaseHTTPRequestHandler]:
+    class MetricsHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.split("?")[0] not in ("/metrics", "/"):
+                self.send_error(404, "only /metrics is served here")
+                return
+            body = render().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args) -> None:  # scrapes are not worth a log line each
+            pass
+
+    return MetricsHandler
