@@ -26,6 +26,9 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# LibreSwan conflicts with strongSwan as a Debian package: its .deb is extracted for the tests.
+scripts/setup-libreswan.sh
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

@@ -8,6 +8,7 @@ import pytest
 
 from builders import desired, row
 from golden import assert_golden
+from ovs_ipsec.backends.naming import is_ours
 from ovs_ipsec.backends.strongswan import render
 from ovs_ipsec.model import AuthMethod, Tunnel, TunnelType
 from ovs_ipsec.planner import group_peerings
@@ -77,5 +78,5 @@ def test_the_psk_is_not_part_of_the_connection_or_its_name():
 
 
 def test_ownership_is_recognised_by_prefix():
-    assert render.is_ours("ovsipsec-10.0.0.2-0123456789")
-    assert not render.is_ours("myvpn-2")
+    assert is_ours("ovsipsec-10.0.0.2-0123456789")
+    assert not is_ours("myvpn-2")

@@ -6,7 +6,6 @@ import hashlib
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Collection
 
 import vici
@@ -15,6 +14,7 @@ import vici.exception
 from ...errors import BackendError
 from ...model import ObservedState
 from ...planner import Action, Initiate, LoadConn, LoadSecret, Naming, TerminateChild, UnloadConn, UnloadSecret
+from ..naming import is_ours
 from . import parse, render
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class StrongSwanBackend:
                     if self._stop.is_set():
                         break
                     if label is not None:
-                        names = frozenset(filter(render.is_ours, parse.event_conn_names(message)))
+                        names = frozenset(filter(is_ours, parse.event_conn_names(message)))
                         if not names:
                             continue  # someone else's SA: none of our business
                         log.debug("VICI event %s about %s", parse.text(label), ", ".join(sorted(names)))

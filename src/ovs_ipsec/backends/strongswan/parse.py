@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from ...model import ObservedSA
-from .render import OWNER_PREFIX
+from ..naming import OWNER_PREFIX
 
 
 def text(value: object) -> str:

@@ -9,13 +9,9 @@ the very same names, so nothing is reloaded and no SA is dropped.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
-from ...model import AuthMethod, Selector, Tunnel
+from ...model import AuthMethod, Tunnel
 from ...planner import Peering
-
-OWNER_PREFIX = "ovsipsec-"
+from ..naming import OWNER_PREFIX, digest, direction
 
 # Upstream ovs-monitor-ipsec's strongSwan proposals, kept so that mixed clusters interoperate.
 DEFAULT_IKE_PROPOSAL = "aes256gcm16-sha256-modp2048"
@@ -24,7 +20,7 @@ DEFAULT_DPD_DELAY = "30s"
 
 
 def conn_name(tunnel: Tunnel) -> str:
-    return f"{OWNER_PREFIX}{tunnel.remote_ip}-{_digest(_ike_body(tunnel), 10)}"
+    return f"{OWNER_PREFIX}{tunnel.remote_ip}-{digest(_ike_body(tunnel), 10)}"
 
 
 def secret_id(tunnel: Tunnel) -> str | None:
@@ -32,12 +28,8 @@ def secret_id(tunnel: Tunnel) -> str | None:
 
 
 def child_names(tunnel: Tunnel) -> tuple[str, ...]:
-    digest = _digest(_child_bodies(tunnel), 6)
-    return tuple(f"{tunnel.name}-{direction}-{digest}" for direction in _directions(tunnel))
-
-
-def is_ours(name: str) -> bool:
-    return name.startswith(OWNER_PREFIX)
+    parameters = digest(_child_bodies(tunnel), 6)
+    return tuple(f"{tunnel.name}-{direction(selector)}-{parameters}" for selector in tunnel.selectors)
 
 
 def render_conn(peering: Peering) -> dict:
@@ -84,10 +76,6 @@ def _remote_auth(tunnel: Tunnel) -> dict:
     return {"auth": "pubkey", "id": tunnel.remote_name, "cacerts": [tunnel.ca_cert_pem]}
 
 
-def _directions(tunnel: Tunnel) -> tuple[str, ...]:
-    return tuple(_direction(selector) for selector in tunnel.selectors)
-
-
 def _child_bodies(tunnel: Tunnel) -> list[dict]:
     options = dict(tunnel.ike_options)
     bodies = []
@@ -111,22 +99,7 @@ def _child_bodies(tunnel: Tunnel) -> list[dict]:
     return bodies
 
 
-def _direction(selector: Selector) -> str:
-    if selector.protocol == "gre":
-        return "gre"
-    return "out" if selector.remote_port else "in"
-
 
 def _traffic_selector(protocol: str, port: int | None) -> str:
     return f"dynamic[{protocol}/{port}]" if port else f"dynamic[{protocol}]"
 
-
-def _digest(value: object, length: int) -> str:
-    canonical = json.dumps(value, sort_keys=True, default=_pem_digest).encode()
-    return hashlib.sha256(canonical).hexdigest()[:length]
-
-
-def _pem_digest(value: object) -> str:
-    if isinstance(value, bytes):
-        return "sha256:" + hashlib.sha256(value).hexdigest()
-    raise TypeError(f"cannot render {type(value).__name__}")

@@ -1,0 +1,349 @@
+"""The LibreSwan adapter: pluto through its own command line (`ipsec addconn`, `ipsec whack`).
+
+Every command goes through ovs_ipsec.runner.run with a timeout; a failure is a BackendError for
+the one connection it concerns. Files are written atomically and only when they change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+
+from ...errors import BackendError, CommandError
+from ...model import AuthMethod, ObservedState
+from ...planner import (
+    Action, Initiate, LoadConn, LoadSecret, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
+)
+from ...runner import run
+from . import nss, parse, render
+from .files import ConnFiles, Paths
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 2.0  # pluto has no event socket: how often its socket and SA states are looked at
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between LibreSwan majors, as far as this backend is concerned.
+
+    4.x and 5.x both keep `ipsec addconn` (several connections per call, which `ipsec auto
+    --add` / 5.x `ipsec add` wrap one at a time) and `ipsec whack` (--initiate --asynchronous,
+    --delete, --route, --rereadsecrets, --status). 5.x dropped `ipsec auto`, the numeric line
+    codes, the STATE_V2_ names and `hostaddrfamily=`; the renderer and parser take care of those.
+    """
+
+    major: int
+    minor: int
+
+    def addconn(self, paths: Paths, config: str, names: Collection[str]) -> list[str]:
+        return [paths.ipsec, "addconn", "--ctlsocket", paths.ctl, "--config", config, *names]
+
+    def whack(self, paths: Paths, *args: str) -> list[str]:
+        return [paths.ipsec, "whack", "--ctlsocket", paths.ctl, *args]
+
+
+class LibreSwanBackend:
+    name = "libreswan"
+
+    def __init__(self, paths: Paths, timeout: float = 30.0, default_crypto: bool = False,
+                 dialect: Dialect | None = None, poll_interval: float = POLL_INTERVAL) -> None:
+        self.paths = paths
+        self._timeout = timeout
+        self._dialect = dialect
+        self._style = render.Style(major=dialect.major if dialect else 4, default_crypto=default_crypto)
+        # Through self._style, so the names follow the detected version whenever it is detected.
+        self.naming = Naming(conn_name=lambda t: render.conn_name(t, self._style),
+                             secret_id=lambda t: render.secret_id(t, self._style),
+                             child_names=lambda t: render.child_names(t, self._style))
+        self._nss = nss.NssDatabase(paths.nss_dir, timeout)
+        self._files = ConnFiles(paths)
+        self._poll_interval = poll_interval
+        self._lock = threading.Lock()  # guards the caches below against the poller thread
+        self._loaded: dict[str, set[str]] | None = None  # peering -> pluto connections, as seen or made
+        self._owners: set[str] = set()  # pluto connections that own an IKE SA, as last seen
+        self._ike: dict[str, bool] = {}  # peering -> has an IKE SA (True: established)
+        self._secrets_fresh = False  # pluto has read our secret files since it (or we) started
+        self._nss_dirty = True
+        self._main_files_checked = False
+        self._stop = threading.Event()
+
+    @classmethod
+    def from_args(cls, args) -> LibreSwanBackend:
+        """Build from the monitor's (upstream-compatible) command-line flags."""
+        paths = Paths.from_flags(args.root_prefix, args.ipsec_conf, args.root_ipsec_conf, args.ipsec_secrets,
+                                 args.ipsec_d, args.ipsec_ctl)
+        backend = cls(paths, timeout=float(args.command_timeout), default_crypto=args.use_default_crypto)
+        backend.dialect()  # fail early, with the reason, if `ipsec` is missing or not LibreSwan
+        return backend
+
+    # -- commands ----------------------------------------------------------------------------------
+
+    def dialect(self) -> Dialect:
+        if self._dialect is None:
+            try:
+                out = run([self.paths.ipsec, "--version"], timeout=self._timeout)
+            except CommandError as exc:
+                raise BackendError(f"cannot tell the LibreSwan version: {exc}", transport=True) from exc
+            found = parse.version(out.stdout + out.stderr)
+            if found is None:
+                raise BackendError(f"{self.paths.ipsec} --version does not name a LibreSwan version: "
+                                   f"{out.stdout.strip()[:200]!r}", transport=True)
+            if found[0] < 4:
+                log.warning("LibreSwan %d.%d is older than 4.0 and untested; using the 4.x syntax", *found)
+            self._dialect = Dialect(*found)
+            self._style = replace(self._style, major=found[0])
+            log.info("driving LibreSwan %d.%d through %s (control socket %s)", *found, self.paths.ipsec,
+                     self.paths.ctl)
+        return self._dialect
+
+    def _command(self, what: str, argv: list[str], query: bool = False) -> str:
+        """Run one command; a query (status) that fails means pluto is unreachable for everyone."""
+        try:
+            result = run(argv, timeout=self._timeout, check=False)
+        except CommandError as exc:
+            raise BackendError(f"pluto: {what}: {exc}", transport=query) from exc
+        if parse.unreachable(result.stdout, result.stderr):
+            raise BackendError(f"pluto is not answering on {self.paths.ctl} ({what})", transport=True)
+        if query:
+            if result.returncode != 0:
+                raise BackendError(f"pluto: {what} exited with status {result.returncode}: "
+                                   f"{result.stderr.strip()[:300]}", transport=True)
+            return result.stdout
+        problem = parse.problem(result.stdout, result.stderr, result.returncode)
+        if problem:
+            raise BackendError(f"pluto refused {what}: {problem}")
+        return result.stdout
+
+    def _whack(self, what: str, *args: str, query: bool = False) -> str:
+        return self._command(what, self.dialect().whack(self.paths, *args), query)
+
+    # -- observe -----------------------------------------------------------------------------------
+
+    def observe(self, conn_names: Collection[str] | None = None) -> ObservedState:
+        """Full: `whack --status` (every connection and state). Scoped: `whack --showstates`
+        only, with the connections this daemon loaded since the last full look (pluto's list
+        changes behind our back only on a restart, which triggers a full look, or by hand,
+        which the periodic full look repairs)."""
+        self._ensure_main_files()
+        with self._lock:
+            cached = None if conn_names is None or self._loaded is None else set().union(*self._loaded.values())
+        if cached is None:
+            status = self._whack("status", "--status", query=True)
+            loaded, found = parse.loaded_conns(status), parse.states(status)
+        else:
+            loaded, found = cached, parse.states(self._whack("showstates", "--showstates", query=True))
+        conf_stems, secret_stems = self._files.stems()
+        observed = parse.observed_from(loaded, found, conf_stems, secret_stems)
+        with self._lock:
+            self._owners = parse.ike_owners(found)
+            self._loaded = {}
+            for name in loaded:
+                parts = render.split_name(name)
+                if parts:
+                    self._loaded.setdefault(parts[0], set()).add(name)
+            self._ike = {peering: any(sa.established for sa in sas) for peering, sas in observed.sas.items()}
+        if conn_names is None:
+            return observed
+        scope = set(conn_names)
+        return ObservedState(conns={k: v for k, v in observed.conns.items() if k in scope},
+                             shared_secrets=observed.shared_secrets,
+                             sas={k: v for k, v in observed.sas.items() if k in scope})
+
+    # -- apply -------------------------------------------------------------------------------------
+
+    def apply(self, action: Action) -> None:
+        self.dialect()
+        self._ensure_main_files()
+        if isinstance(action, LoadSecret):
+            try:
+                text = render.secrets_file(action.peering)
+            except ValueError as exc:
+                raise BackendError(f"cannot describe {action.peering.conn_name} to pluto: {exc}") from exc
+            changed = self._files.write(action.peering.secret_id, ".secrets", text, secret=True)
+            if changed or not self._secrets_fresh:
+                self._reread_secrets()
+        elif isinstance(action, UnloadSecret):
+            if self._files.remove(action.secret_id, ".secrets"):
+                self._reread_secrets()
+        elif isinstance(action, LoadConn):
+            self._load(action.peering)
+        elif isinstance(action, UnloadConn):
+            self._unload(action.conn_name)
+        elif isinstance(action, TerminateChild):
+            with self._lock:
+                loaded = action.child in (self._loaded or {}).get(action.conn_name, ())
+            if loaded:
+                try:
+                    self._whack(f"terminate {action.child}", "--name", action.child, "--terminate")
+                except BackendError as exc:
+                    if exc.transport:
+                        raise
+        elif isinstance(action, Initiate):
+            self._initiate(action.conn_name, action.child)
+        else:
+            raise TypeError(f"unknown action {action!r}")
+
+    def _load(self, peering: Peering) -> None:
+        first = peering.tunnels[0]
+        if first.auth is not AuthMethod.PSK:
+            self._install_certificates(peering)
+        elif not self._secrets_fresh:
+            self._reread_secrets()
+        try:
+            text = render.conn_file(peering, self._style)
+        except ValueError as exc:
+            raise BackendError(f"cannot describe {peering.conn_name} to pluto: {exc}") from exc
+        self._files.write(peering.conn_name, ".conf", text, secret=False)
+        path = self._files.path(peering.conn_name, ".conf")
+        wanted = render.pluto_names(peering)
+        anchor = wanted[-1]
+        with self._lock:
+            loaded = set((self._loaded or {}).get(peering.conn_name, ()))
+            anchor_owns = anchor in self._owners
+        to_add = [name for name in wanted if name not in loaded]
+        if to_add and anchor in loaded and not anchor_owns:
+            # Re-adding the anchor (it holds no IKE SA) puts it first in line for the next one.
+            to_add = [name for name in to_add if name != anchor] + [anchor]
+        if to_add:
+            # One addconn for the whole peering: pluto parses only this peering's file.
+            self._command(f"add {peering.conn_name}", self.dialect().addconn(self.paths, path, to_add))
+        for name in sorted(loaded - set(wanted)):
+            self._whack(f"delete {name}", "--name", name, "--delete")
+        if first.auth is AuthMethod.PSK and not first.local_ip:
+            # No initiator rule both ends can agree on: on demand, from traffic, as upstream.
+            for name in to_add:
+                if name != anchor:
+                    self._whack(f"route {name}", "--name", name, "--route")
+        with self._lock:
+            if self._loaded is not None:
+                self._loaded[peering.conn_name] = set(wanted)
+
+    def _unload(self, peering_name: str) -> None:
+        names: set[str] = set()
+        with self._lock:
+            names |= (self._loaded or {}).get(peering_name, set())
+        text = self._files.read(peering_name, ".conf")
+        names |= {line.split(None, 1)[1].strip() for line in text.splitlines() if line.startswith("conn ")}
+        # Children first, the anchor (which holds the IKE SA) last.
+        for name in sorted(names, key=lambda n: n == render.anchor_name(peering_name)):
+            self._whack(f"delete {name}", "--name", name, "--delete")
+        self._files.remove(peering_name, ".conf")
+        with self._lock:
+            (self._loaded or {}).pop(peering_name, None)
+            self._ike.pop(peering_name, None)
+        if render.nicknames_in(text):
+            self._nss_dirty = True
+            self.cleanup_credentials(())
+
+    def _initiate(self, peering_name: str, child: str) -> None:
+        with self._lock:
+            has_ike = peering_name in self._ike
+            anchor_loaded = render.anchor_name(peering_name) in (self._loaded or {}).get(peering_name, ())
+        if not has_ike and anchor_loaded:
+            # The IKE SA belongs to the anchor, so tunnels can come and go without it; the child
+            # waits on it inside pluto ("queue Child SA; waiting on IKE SA").
+            anchor = render.anchor_name(peering_name)
+            self._whack(f"initiate {anchor}", "--name", anchor, "--initiate", "--asynchronous")
+            with self._lock:
+                self._ike[peering_name] = False
+        self._whack(f"initiate {child}", "--name", child, "--initiate", "--asynchronous")
+
+    def _reread_secrets(self) -> None:
+        self._whack("rereadsecrets", "--rereadsecrets")
+        self._secrets_fresh = True
+
+    def _install_certificates(self, peering: Peering) -> None:
+        first = peering.tunnels[0]
+        local, peer, ca = render.nss_names(first)
+        changed = self._nss.ensure(local, first.local_cert_pem or b"", "u,u,u", key_pem=first.local_key_pem or b"")
+        if peer:
+            changed |= self._nss.ensure(peer, first.remote_cert_pem or b"", nss.TRUST_PEER)
+        if ca:
+            changed |= self._nss.ensure(ca, first.ca_cert_pem or b"", nss.TRUST_CA)
+        self._nss_dirty |= changed
+
+    def cleanup_credentials(self, keep_keys: Collection[bytes]) -> None:
+        """Delete our NSS entries that no connection file of ours refers to any more.
+
+        The files, not memory, say what is in use: a restarted monitor that changes nothing
+        must not delete what pluto still uses. (keep_keys is implied by them.)
+        """
+        if not self._nss_dirty or not os.path.isdir(self.paths.nss_dir):
+            return
+        wanted: set[str] = set()
+        for stem in self._files.stems()[0]:
+            wanted |= render.nicknames_in(self._files.read(stem, ".conf"))
+        try:
+            for nickname in sorted(self._nss.nicknames() - wanted):
+                self._nss.delete(nickname, with_key=nickname.startswith("ovsipsec-key-"))
+                log.info("NSS database %s: removed %s (no longer used)", self.paths.nss_dir, nickname)
+        except BackendError as exc:  # retried at the next full comparison
+            log.warning("%s", exc)
+            return
+        self._nss_dirty = False
+
+    def _ensure_main_files(self) -> None:
+        if not self._main_files_checked:
+            self._main_files_checked = True
+            self._files.ensure_main_files()
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def start_events(self, on_change: Callable[[frozenset[str] | None], None]) -> None:
+        thread = threading.Thread(target=self._poll, args=(on_change,), name="pluto-poll", daemon=True)
+        thread.start()
+
+    def _poll(self, on_change: Callable[[frozenset[str] | None], None]) -> None:
+        """pluto has no event socket: watch its control socket (a restart makes a new one) and
+        its SA states, and report what an event would have said."""
+        identity = seen = None
+        prints: dict[str, frozenset] = {}
+        while not self._stop.wait(self._poll_interval):
+            try:
+                stat = os.stat(self.paths.ctl)
+                current = (stat.st_ino, stat.st_ctime_ns, _read_pid(self.paths.pidfile))
+            except OSError:
+                current = None
+            if current != identity:
+                if current is not None:
+                    if seen is not None and current != seen:
+                        self.forget_daemon_state()
+                        log.info("pluto at %s restarted: comparing everything again", self.paths.ctl)
+                    seen = current
+                    on_change(None)
+                identity, prints = current, {}
+                continue
+            if current is None:
+                continue
+            try:
+                found = parse.states(self._whack("showstates", "--showstates", query=True))
+            except BackendError as exc:
+                log.debug("polling pluto: %s", exc)
+                continue
+            fresh = parse.fingerprint(found)
+            changed = {p for p in fresh.keys() | prints.keys() if fresh.get(p) != prints.get(p)}
+            prints = fresh
+            if changed:
+                on_change(frozenset(changed))
+
+    def forget_daemon_state(self) -> None:
+        """A restarted pluto may not have our secrets, nor the connections we loaded."""
+        with self._lock:
+            self._loaded = None  # the next observe() reads the whole list again
+        self._secrets_fresh = False
+        self._nss_dirty = True
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,158 @@
+"""pluto's output -> observed values, on captured 4.10 output and documented 5.x formats.
+
+Inputs are golden files (libreswan_SOURCES.md says where each comes from); the parsed result
+is compared with a golden JSON file, so a parser change shows up as a reviewable diff.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from golden import GOLDEN_DIR, assert_golden
+from ovs_ipsec.backends.libreswan import parse, render
+
+
+def read(name: str) -> str:
+    return (GOLDEN_DIR / name).read_text()
+
+
+def captured(name: str) -> tuple[int, str, str]:
+    """The exit status, stdout and stderr of a captured command."""
+    head, rest = read(name).split("\n", 1)
+    stdout, stderr = rest.removeprefix("--- stdout\n").split("--- stderr\n")
+    return int(head.removeprefix("rc=")), stdout, stderr
+
+
+def as_json(value) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=sorted) + "\n"
+
+
+def observed_json(status: str, conn_files=(), secret_files=()) -> dict:
+    observed = parse.observed(status, set(conn_files), set(secret_files))
+    return {"conns": {k: sorted(v) for k, v in observed.conns.items()},
+            "shared_secrets": sorted(observed.shared_secrets),
+            "sas": {k: [asdict(sa) for sa in v] for k, v in observed.sas.items()}}
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, (4, 10)),  # captured `ipsec --version` of Debian 12's package
+    ("Libreswan 5.2\n", (5, 2)),
+    ("Libreswan v5.3dr1\n", (5, 3)),
+    ("Linux Libreswan 3.32 (netkey) on 5.10.0\n", (3, 32)),
+    ("Linux strongSwan U5.9.8/K6.1.0\n", None),
+    ("", None),
+])
+def test_version(text, expected):
+    assert parse.version(read("libreswan_4.10_version.txt") if text is None else text) == expected
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_captured_4_10_status(side):
+    status = read(f"libreswan_4.10_status_{side}.txt")
+    files = {parts[0] for name in parse.loaded_conns(status) if (parts := render.split_name(name))}
+    result = {"loaded": sorted(parse.loaded_conns(status)),
+              "states": [asdict(s) for s in parse.states(status)],
+              "observed": observed_json(status, files, files)}
+    assert_golden(f"libreswan_4.10_status_{side}.parsed.json", as_json(result))
+
+
+def test_captured_4_10_status_and_showstates_agree_on_states():
+    for side in ("initiator", "responder"):
+        assert parse.states(read(f"libreswan_4.10_status_{side}.txt")) == \
+            parse.states(read(f"libreswan_4.10_showstates_{side}.txt"))
+
+
+def test_captured_4_10_initiator_has_anchored_ike_sas_and_a_stuck_foreign_one():
+    states = parse.states(read("libreswan_4.10_showstates_initiator.txt"))
+    assert [(s.conn.rsplit("_", 1)[-1], s.child, s.established) for s in states] == [
+        ("ike", False, True), ("ike", False, True), ("quiet-1", False, False)]
+    sas = parse.ike_sas(states)
+    assert set(sas) == {"ovsipsec-10.231.0.2-2e6364b79c", "ovsipsec-fd00:231::2-1c1b88c723"}
+    assert all(sa.established and sa.installed_children == () for v in sas.values() for sa in v)
+
+
+@pytest.mark.parametrize("name", ["libreswan_4.x_showstates_children.txt", "libreswan_5.x_status.txt",
+                                  "libreswan_5.x_showstates_late.txt"])
+def test_documented_formats(name):
+    text = read(name)
+    result = {"states": [asdict(s) for s in parse.states(text)], "observed": observed_json(text)}
+    assert_golden(name.replace(".txt", ".parsed.json"), as_json(result))
+
+
+def test_children_are_counted_on_their_ike_sa_and_the_anchor_is_not_a_child():
+    for name, serial in (("libreswan_4.x_showstates_children.txt", "#1"), ("libreswan_5.x_status.txt", "#1"),
+                         ("libreswan_5.x_showstates_late.txt", "#3")):
+        (sa,) = parse.ike_sas(parse.states(read(name)))["ovsipsec-10.0.0.2-0123456789"]
+        assert sa.unique_id == serial and sa.state == "ESTABLISHED"
+        assert all("_ike" not in child for child in sa.installed_children)
+        assert "ovsipsec-10.0.0.2-0123456789_gnv-out-abcdef" in sa.installed_children
+
+
+def test_4x_negotiating_and_deleting_ike_sas():
+    sas = parse.ike_sas(parse.states(read("libreswan_4.x_showstates_children.txt")))
+    assert [sa.state for sa in sas["ovsipsec-10.0.0.3-abcdef0123"]] == ["CONNECTING"]
+    assert [sa.state for sa in sas["ovsipsec-10.0.0.4-bbbbbbbbbb"]] == ["DELETING"]
+    assert "myvpn-2" not in sas  # foreign: never ours
+
+
+def test_5x_connection_list_keeps_foreign_names_apart():
+    loaded = parse.loaded_conns(read("libreswan_5.x_status.txt"))
+    assert "myvpn-2" in loaded and "ovsipsec-fd00::2-1c1b88c723_six-out-d937b7" in loaded
+    observed = parse.observed(read("libreswan_5.x_status.txt"), {"ovsipsec-10.0.0.2-0123456789"}, set())
+    assert set(observed.conns) == {"ovsipsec-10.0.0.2-0123456789", "ovsipsec-fd00::2-1c1b88c723"}
+    assert parse.INCOMPLETE not in observed.conns["ovsipsec-10.0.0.2-0123456789"]
+    # loaded but neither anchored nor on file: reported incomplete, so it is reloaded or removed
+    assert parse.INCOMPLETE in observed.conns["ovsipsec-fd00::2-1c1b88c723"]
+
+
+def test_a_file_without_pluto_connections_is_an_incomplete_peering():
+    observed = parse.observed("", {"ovsipsec-10.0.0.9-aaaaaaaaaa"}, {"ovsipsec-10.0.0.9-aaaaaaaaaa"})
+    assert observed.conns == {"ovsipsec-10.0.0.9-aaaaaaaaaa": frozenset({parse.INCOMPLETE})}
+    assert observed.shared_secrets == {"ovsipsec-10.0.0.9-aaaaaaaaaa"}
+
+
+def test_problem_on_captured_failures():
+    # addconn exits 0 although the connection did not load
+    rc, out, err = captured("libreswan_4.10_addconn_bad.txt")
+    assert rc == 0 and "did not load properly" in parse.problem(out, err, rc)
+    # whack exits 0 although it does not know the connection; the 021 code says so
+    rc, out, err = captured("libreswan_4.10_initiate_unknown.txt")
+    assert rc == 0 and parse.problem(out, err, rc) == 'no connection named "nosuch"'
+    rc, out, err = captured("libreswan_4.10_not_running.txt")
+    assert parse.unreachable(out, err) and parse.problem(out, err, rc)
+
+
+@pytest.mark.parametrize("out", [
+    "000 initiating all conns with alias='x'\n181 \"x\" #1: initiating IKEv2 connection\n",
+    "002 loading secrets from \"/etc/ipsec.secrets\"\n",
+    '"x" #1: initiating IKEv2 connection\n',  # 5.x: no codes
+    "",
+])
+def test_no_problem_in_normal_output(out):
+    assert parse.problem(out, "", 0) is None
+
+
+def test_5x_failure_without_codes():
+    assert parse.problem("", 'ipsec whack: no connection named "x"\n', 1)
+    assert parse.problem("", "", 3) == "exit status 3"
+
+
+def test_fingerprint_changes_when_an_sa_comes_up():
+    before = parse.fingerprint(parse.states('#1: "ovsipsec-10.0.0.2-0123456789_ike":500 IKE_SA_INIT_I (sent); idle;'))
+    after = parse.fingerprint(parse.states(read("libreswan_5.x_showstates_late.txt")))
+    assert before.keys() == after.keys() == {"ovsipsec-10.0.0.2-0123456789"}
+    assert before != after
+
+
+def test_nss_listing_and_pem_blocks():
+    listing = ("\nCertificate Nickname                                         Trust Attributes\n"
+               "                                                             SSL,S/MIME,JAR/XPI\n\n"
+               "ovsipsec-key-0123456789abcdef                                u,u,u\n"
+               "ovsipsec-ca-0123456789abcdef                                 CT,,\n"
+               "operator cert with spaces                                    CT,,\n")
+    assert parse.nss_nicknames(listing) == {"ovsipsec-key-0123456789abcdef", "ovsipsec-ca-0123456789abcdef"}
+    pem = "-----BEGIN CERTIFICATE-----\nAAAA\nBBBB\n-----END CERTIFICATE-----\n"
+    assert parse.pem_blocks(pem + pem.replace("AAAA", "CCCC")) == ["AAAABBBB", "CCCCBBBB"]
