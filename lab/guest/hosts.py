@@ -85,6 +85,8 @@ class Host:
         parts = []
         for title, argv, kw in (
             ("ovs-vsctl show", ["ovs-vsctl", f"--db={self.db}", "--timeout=10", "show"], {}),
+            ("open_vswitch table (other_config: certificates)",
+             ["ovs-vsctl", f"--db={self.db}", "--timeout=10", "list", "open_vswitch"], {}),
             ("interface table", ["ovs-vsctl", f"--db={self.db}", "--timeout=10", "list", "interface"], {}),
             ("dpctl/show", ["ovs-appctl", "-t", self.dir / "ovs-vswitchd.ctl", "dpctl/show"], {}),
             ("ip -s xfrm state", ["ip", "-s", "xfrm", "state"], {"netns": self.name}),

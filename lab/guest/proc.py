@@ -19,33 +19,42 @@ class Shell:
         self.transcript = transcript
         self._lock = threading.Lock()   # the two hosts start their daemons in parallel
 
+    def note(self, text: str) -> None:
+        """A line of the runner's own in the transcript (what it is about to do, and when)."""
+        self._note(f"# {time.strftime('%T')} {text}")
+
     def _note(self, text: str) -> None:
         with self._lock, open(self.transcript, "a") as f:
             f.write(text if text.endswith("\n") else text + "\n")
 
     def run(self, argv: list, *, netns: str = None, env: dict = None, check: bool = True,
-            timeout: float = 60, log: Path = None) -> subprocess.CompletedProcess:
+            timeout: float = 60, log: Path = None, cwd: Path = None,
+            quiet: bool = False) -> subprocess.CompletedProcess:
         """Run to completion. With `log`, output goes to that file instead of pipes: a daemon
-        that --detach'es may keep inherited pipes open, and reading them would then hang."""
+        that --detach'es may keep inherited pipes open, and reading them would then hang.
+        `quiet` leaves a successful command's output out of the transcript (status polling)."""
         argv = [str(a) for a in argv]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         full_env = dict(os.environ, **(env or {}))
         t = time.monotonic()
+        where = f"(cd {cwd}) " if cwd else ""
         try:
             if log:
                 with open(log, "a") as f:
                     cp = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=full_env,
-                                        timeout=timeout, stdin=subprocess.DEVNULL)
+                                        timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
                 cp.stdout, cp.stderr = log.read_text(errors="replace")[-2000:], ""
             else:
                 cp = subprocess.run(argv, capture_output=True, text=True, errors="replace", env=full_env,
-                                    timeout=timeout, stdin=subprocess.DEVNULL)
+                                    timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
         except subprocess.TimeoutExpired as e:
-            self._note(f"$ {' '.join(argv)}\n  TIMEOUT after {timeout}s")
+            self._note(f"{where}$ {' '.join(argv)}\n  TIMEOUT after {timeout}s")
             raise CommandError(f"timed out after {timeout}s: {' '.join(argv)}") from e
         out = (cp.stdout + cp.stderr).strip()
-        self._note(f"$ {' '.join(argv)}  [rc={cp.returncode}, {time.monotonic() - t:.1f}s]"
+        if quiet and cp.returncode == 0:
+            out = f"({len(out)} bytes of output not kept)" if out else ""
+        self._note(f"{where}$ {' '.join(argv)}  [rc={cp.returncode}, {time.monotonic() - t:.1f}s]"
                    + (("\n  " + out.replace("\n", "\n  ")) if out else ""))
         if check and cp.returncode != 0:
             raise CommandError(f"rc={cp.returncode}: {' '.join(argv)}: {out[-400:]}")

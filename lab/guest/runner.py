@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenario as scenarios                                # noqa: E402
-from auth import AUTH                                       # noqa: E402
+from auth import AUTH, STATUS_AUTH                          # noqa: E402
 from backends import BACKENDS                               # noqa: E402
 from capture import ESP, IKE, Capture                       # noqa: E402
-from hosts import Topology                                  # noqa: E402
+from hosts import Host, Topology                            # noqa: E402
 from monitor import Monitor, tunnel_established             # noqa: E402
 from proc import Shell                                      # noqa: E402
 
@@ -33,11 +33,13 @@ WORK = Path("/tmp/lab")
 KERNEL_MODULES = ("openvswitch vport-geneve vport-vxlan vport-gre geneve vxlan ip_gre ip6_gre veth "
                   "xfrm_user esp4 esp6 gcm aesni_intel ghash-clmulni-intel seqiv").split()
 # A scenario's `expect` names the rule its result must meet. "encrypted": the overlay works and
-# the wire shows only ESP, and both monitors say so. (A plaintext-guard scenario would add e.g.
-# "blocked": IKE fails on purpose, ping must fail and plaintext_packets must still be 0.)
+# the wire shows only ESP, and both monitors say so, with the scenario's auth method and peer
+# name (auth_ok: a certificate scenario cannot pass by authenticating some other way).
+# (A plaintext-guard scenario would add e.g. "blocked": IKE fails on purpose, ping must fail
+# and plaintext_packets must still be 0.)
 EXPECTATIONS = {
     "encrypted": lambda r: (r["ping_ok"] and r["esp_packets"] > 0 and r["plaintext_packets"] == 0
-                            and r["status_ok"]),
+                            and r["status_ok"] and r["auth_ok"]),
 }
 ESTABLISH_TIMEOUT = 60      # seconds for both monitors to report the tunnel established
 PING = ["ping", "-c", "5", "-i", "0.5", "-W", "2"]
@@ -54,29 +56,36 @@ def kernel_args() -> dict:
 class Steps:
     """Remembers the step a scenario is in (named in the result when it breaks) and times each."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, sh: Shell):
         self.name, self.current, self.t0, self.times = name, "start", time.monotonic(), {}
-        self._t = self.t0
+        self._t, self.sh = self.t0, sh
 
     def __call__(self, step: str) -> None:
         now = time.monotonic()
         self.times[self.current] = round(now - self._t, 1)
         self.current, self._t = step, now
+        self.sh.note(f"step {step} (at {self.elapsed()}s)")
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.t0, 1)
 
 
-def wait_established(monitors: list) -> tuple:
-    """Poll every monitor's status until all report the tunnel established (or time runs out).
+def _ask(how):
+    """A status query that never raises: a monitor not up yet, or broken, answers with the error."""
+    try:
+        return how()
+    except Exception as e:
+        return {"error": str(e)}
 
-    The hosts are asked in parallel: one `ovs-ipsec status` costs about 2 s of Python start-up
-    under TCG, and asking one after the other would double the polling interval."""
+
+def wait_established(monitors: list) -> tuple:
+    """Poll every monitor until all report the tunnel established (or time runs out).
+
+    Polling goes straight to the monitors' control sockets with ovs-appctl (Monitor.poll): the
+    operator's `ovs-ipsec status --json` costs 2-4 s of Python start-up under TCG, so it is run
+    once afterwards (final_status), and its answer is what the pass rules read."""
     def query(m):
-        try:
-            return m.status()
-        except Exception as e:   # not up yet, or broken: keep the message, keep polling
-            return {"error": str(e)}
+        return _ask(m.poll)
 
     deadline = time.monotonic() + ESTABLISH_TIMEOUT
     with ThreadPoolExecutor(max_workers=len(monitors)) as pool:
@@ -87,6 +96,22 @@ def wait_established(monitors: list) -> tuple:
             if time.monotonic() >= deadline:
                 return False, last
             time.sleep(0.5)
+
+
+def final_status(monitors: list) -> dict:
+    """`ovs-ipsec status --json` on every host, in parallel: {host name: status JSON}."""
+    with ThreadPoolExecutor(max_workers=len(monitors)) as pool:
+        return dict(zip((m.host.name for m in monitors), pool.map(lambda m: _ask(m.status), monitors),
+                        strict=True))
+
+
+def auth_matches(sc: scenarios.Scenario, status: dict, peer) -> bool:
+    """The monitor reports the tunnel with the scenario's auth method (status `auth`: psk,
+    peer-cert or ca-cert) and, with certificates, the peer's name (its certificate's CN)."""
+    entry = tunnel_established(status or {})[1] or {}
+    if entry.get("auth") != STATUS_AUTH[sc.auth]:
+        return False
+    return sc.auth == "psk" or entry.get("remote_name") == peer.name
 
 
 def ping(topology: Topology, out: Path) -> dict:
@@ -112,9 +137,10 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
     backend = BACKENDS[sc.backend]()
     capture = Capture(h2, out / "underlay.pcap")
     monitors = []
-    steps = Steps(sc.name)
+    steps = Steps(sc.name, sh)
     result = {**sc.summary(), "ping_ok": False, "esp_packets": 0, "plaintext_packets": None,
-              "ike_packets": 0, "status_ok": False, "pass": False, "error": None, "status": {}}
+              "ike_packets": 0, "status_ok": False, "auth_ok": False, "pass": False, "error": None,
+              "status": {}}
     say(f"[{sc.name}] start: {sc.tunnel}/{sc.auth}/{sc.backend}, {sc.underlay} underlay, options {sc.options}")
     try:
         steps("underlay")
@@ -124,21 +150,26 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
         capture.start()
         steps("daemons")
         monitors = [Monitor(h, backend) for h in topology.hosts]
-        # Both hosts boot their daemons at the same time, as two hypervisors would.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(lambda m: bring_up(m, backend), monitors))
+        bring_up(monitors, backend)
         steps("ovs-vsctl")
-        for host, peer in ((h1, h2), (h2, h1)):
-            host.add_bridge()
-            host.add_tunnel(sc, peer, AUTH[sc.auth](host, peer))
+        # Two operators, one per hypervisor, at the same time.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(lambda pair: configure(sc, *pair), ((h1, h2), (h2, h1))))
         steps("establish")
-        result["status_ok"], statuses = wait_established(monitors)
+        established, _ = wait_established(monitors)
+        say(f"[{sc.name}] monitors report established: {established} ({steps.elapsed()}s)")
+        # The operator's status command runs while h1 pings (Python start-up overlaps the ping).
+        steps("ping")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            asked = pool.submit(final_status, monitors)
+            result.update(ping(topology, out))
+            statuses = asked.result()
         for name, status in statuses.items():
             (out / f"{name}-status.json").write_text(json.dumps(status, indent=2) + "\n")
             result["status"][name] = tunnel_established(status)[1] or status
-        say(f"[{sc.name}] monitors report established: {result['status_ok']} ({steps.elapsed()}s)")
-        steps("ping")
-        result.update(ping(topology, out))
+        result["status_ok"] = established and all(tunnel_established(s)[0] for s in statuses.values())
+        result["auth_ok"] = all(auth_matches(sc, status, peer) for status, peer in
+                                ((statuses.get(h1.name), h2), (statuses.get(h2.name), h1)))
     except Exception as e:
         result["error"] = f"{steps.current}: {e}"
         (out / "error.txt").write_text(traceback.format_exc())
@@ -148,15 +179,14 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
         try:
             capture.stop()
             if capture.pcap.exists():
-                result["esp_packets"] = capture.count(ESP)
-                result["plaintext_packets"] = capture.count(sc.plaintext_filter)
-                result["ike_packets"] = capture.count(IKE)
-                (out / "underlay.txt").write_text(capture.text())
+                with ThreadPoolExecutor(max_workers=4) as pool:
+                    counts = [pool.submit(capture.count, f) for f in (ESP, sc.plaintext_filter, IKE)]
+                    text = pool.submit(capture.text)
+                    result["esp_packets"], result["plaintext_packets"], result["ike_packets"] = \
+                        (c.result() for c in counts)
+                    (out / "underlay.txt").write_text(text.result())
         except Exception as e:
             result["error"] = result["error"] or f"capture: {e}"
-        for host in topology.hosts:
-            if host.dir.exists():
-                (out / f"{host.name}-state.txt").write_text(host.snapshot())
         teardown(topology, backend, monitors, out)
         steps("done")
     result["pass"] = bool(not result["error"] and EXPECTATIONS[sc.expect](result))
@@ -166,24 +196,51 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
     return result
 
 
-def bring_up(monitor: Monitor, backend) -> None:
-    """One host's daemons, in the order a hypervisor starts them: OVS, the IKE daemon, the monitor."""
-    monitor.host.start_ovs()
-    backend.start(monitor.host)
-    monitor.start()
+def bring_up(monitors: list, backend) -> None:
+    """Both hosts' daemons at the same time, as two hypervisors would boot: on each, OVS and the
+    IKE daemon (independent of each other), then the monitor, which needs both."""
+    with ThreadPoolExecutor(max_workers=2 * len(monitors)) as pool:
+        started = [pool.submit(fn, m.host) for m in monitors for fn in (Host.start_ovs, backend.start)]
+        for f in started:
+            f.result()
+        for f in [pool.submit(m.start) for m in monitors]:
+            f.result()
+
+
+def configure(sc: scenarios.Scenario, host: Host, peer: Host) -> None:
+    """What the operator types on one hypervisor: the bridge, the auth settings, the tunnel."""
+    host.add_bridge()
+    host.add_tunnel(sc, peer, AUTH[sc.auth](host, peer))
 
 
 def teardown(topology: Topology, backend, monitors: list, out: Path) -> None:
-    """Stop what the scenario started (monitor, IKE daemon, OVS), keep their logs, drop the netns."""
-    for m in monitors:
-        _quietly(m.stop)
-    for host in topology.hosts:
+    """Keep each host's state, stop what the scenario started (monitor, IKE daemon, OVS), keep
+    their logs, drop the netns. The two hosts are torn down in parallel."""
+    by_host = {m.host.name: m for m in monitors}
+    hosts = [h for h in topology.hosts if h.dir.exists()]
+
+    def state(host):
+        # Both snapshots before anything stops: a stopping charon deletes its peer's SAs too.
+        _quietly(lambda: (out / f"{host.name}-state.txt").write_text(host.snapshot()))
+
+    def one(host):
+        if host.name in by_host:
+            _quietly(by_host[host.name].stop)
         _quietly(backend.stop, host)
         _quietly(host.stop_ovs)
         logs = ("ovsdb-server.log", "ovs-vswitchd.log", *backend.logs, *Monitor.logs)
         for log in logs:
             if (host.dir / log).exists():
                 shutil.copy2(host.dir / log, out / f"{host.name}-{log}")
+        # The certificates a host was given (never its private key), for `ovs-ipsec pki show`.
+        for pem in sorted(host.dir.glob("*.pem")):
+            if "privkey" not in pem.name:
+                (out / f"{host.name}-certs").mkdir(exist_ok=True)
+                shutil.copy2(pem, out / f"{host.name}-certs" / pem.name)
+
+    with ThreadPoolExecutor(max_workers=len(topology.hosts)) as pool:
+        list(pool.map(state, hosts))
+        list(pool.map(one, hosts))
     topology.down()
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 # Default UDP destination ports of the UDP-based tunnel types (GRE has none).
 DEFAULT_PORTS = {"geneve": 6081, "vxlan": 4789}
 TUNNELS = ("gre", "geneve", "vxlan")
-AUTHS = ("psk",)
+# psk: options:psk; cert: self-signed certificates (options:remote_cert); ca: CA-signed
+# certificates (other_config:ca_cert + options:remote_name). How: guest/auth.py.
+AUTHS = ("psk", "cert", "ca")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
 EXPECTS = ("encrypted",)
 BACKENDS = ("strongswan",)
