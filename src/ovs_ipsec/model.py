@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 
 
@@ -157,7 +157,7 @@ class ObservedState:
     """What the IKE daemon holds: only objects carrying our ownership marker are listed."""
 
     conns: Mapping[str, frozenset[str]]  # connection name -> names of its child configs
-    shared_secrets: frozenset[str]
+    shared_secrets: AbstractSet[str]
     sas: Mapping[str, tuple[ObservedSA, ...]]  # connection name -> its IKE SAs
 
     def sas_of(self, conn_name: str) -> tuple[ObservedSA, ...]:

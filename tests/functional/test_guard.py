@@ -197,7 +197,7 @@ def test_no_plaintext_leaves_through_restarts_and_changes(guarded_hosts, sandbox
     wait_guard(a, mode)
     wait_guard(b, mode)
     log = a.log_text()
-    assert log.index(f"plaintext guard {mode}: ") < log.index("loaded connection")  # guard first
+    assert log.index(f"plaintext guard {mode}: ") < log.index("LoadConn")  # guard first
 
     capture = Capture(started, b, sandbox.workdir / "b.pcap")
     guarded = [Program(started, a, SENDER, 4, b.address, port, guarded_mark, 0)

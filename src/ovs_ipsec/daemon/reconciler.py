@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from ..backends.base import Backend
 from ..errors import BackendError
 from ..guard.enforcer import PlaintextGuard
-from ..model import DesiredState, ObservedSA, ObservedState, Tunnel, ValidatedState
+from ..model import DesiredState, Invalid, ObservedSA, ObservedState, Tunnel, ValidatedState
 from ..planner import (
     Action, Initiate, LoadConn, LoadSecret, Memory, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
     group_peerings, plan, secret_digest,
@@ -31,7 +32,6 @@ log = logging.getLogger("ovs_ipsec.reconciler")
 # Observing a few connections one by one is cheaper than listing all of them; past this many,
 # one full listing wins.
 SCOPED_OBSERVE_LIMIT = 64
-EMPTY = ObservedState({}, frozenset(), {})
 
 
 @dataclass
@@ -72,7 +72,14 @@ class Reconciler:
         self._memo: dict = {}
         self._memo_context: object = None
         self._naming_cache = NamingCache(backend.naming)
-        self._observed = EMPTY
+        self._status_memo: dict = {}  # for build_snapshot: reuse unchanged tunnels' statuses
+        self._grouped: dict[str, Tunnel] = {}  # the tunnels the current peerings were built from
+        self._conflicts: tuple[Invalid, ...] = ()  # tunnels refused by group_peerings
+        # The IKE daemon's objects as last observed, updated in place by _observe and _record.
+        self._conns: dict[str, frozenset[str]] = {}
+        self._secrets: set[str] = set()
+        self._sas: dict[str, tuple[ObservedSA, ...]] = {}
+        self._observed = ObservedState(self._conns, self._secrets, self._sas)
         self._secret_digests: dict[str, str] = {}
         self._backoff = Backoff()
         self._errors: dict[str, str] = {}  # conn name -> why its last action failed
@@ -203,18 +210,42 @@ class Reconciler:
         if context != self._memo_context:
             self._memo, self._memo_context = {}, context
         validated = validate(desired, facts, now, memo=self._memo)
-        peerings, conflicts = group_peerings(validated.tunnels, self._naming_cache.naming_for(validated.tunnels))
+        peerings, conflicts = self._regroup(validated.tunnels)
         if conflicts:
             clashing = {invalid.name for invalid in conflicts}
             validated = ValidatedState(tuple(t for t in validated.tunnels if t.name not in clashing),
                                        validated.invalid + conflicts, validated.global_problem)
         changed = {name for name in peerings.keys() | self._peerings.keys()
-                   if peerings.get(name) != self._peerings.get(name)}
+                   if peerings.get(name) is not self._peerings.get(name)
+                   and peerings.get(name) != self._peerings.get(name)}
         for name in changed:
             self._backoff.reset(name)
             self._errors.pop(name, None)
         self._validated, self._peerings = validated, peerings
         return changed
+
+    def _regroup(self, tunnels: tuple[Tunnel, ...]) -> tuple[dict[str, Peering], tuple[Invalid, ...]]:
+        """Group tunnels into peerings, redoing only the endpoints whose tunnels changed.
+
+        Validation hands back the very same Tunnel object for an unchanged row, so a change to
+        one tunnel among thousands regroups one endpoint pair and reuses every other Peering.
+        """
+        current = {tunnel.name: tunnel for tunnel in tunnels}
+        previous = self._grouped
+        touched = {(t.local_ip, t.remote_ip) for name in current.keys() | previous.keys()
+                   if current.get(name) is not previous.get(name)
+                   for t in (current.get(name), previous.get(name)) if t is not None}
+        self._grouped = current
+        self._naming_cache.prune(current.values())
+        if not touched:
+            return self._peerings, self._conflicts
+        regrouped, conflicts = group_peerings([t for t in tunnels if (t.local_ip, t.remote_ip) in touched],
+                                              self._naming_cache.naming)
+        peerings = {name: peering for name, peering in self._peerings.items()
+                    if (peering.tunnels[0].local_ip, peering.tunnels[0].remote_ip) not in touched}
+        peerings.update(regrouped)
+        self._conflicts = tuple(c for c in self._conflicts if (c.local_ip, c.remote_ip) not in touched) + conflicts
+        return peerings, self._conflicts
 
     def _certificate_facts(self, desired: DesiredState) -> CertificateFacts:
         certs, keys, chains = certificate_paths(desired)
@@ -225,16 +256,30 @@ class Reconciler:
         )
 
     def _observe(self, scope: Iterable[str] | None) -> None:
+        """Refresh the cached observation: everything, or only the connections in scope.
+
+        The cache is updated in place (a scoped look at one connection among thousands must not
+        copy thousands of entries), and the ObservedState handed to the planner wraps it.
+        """
         if scope is None:
-            self._observed = self._backend.observe(None)
-            return
-        scope = set(scope)
-        fresh = self._backend.observe(scope)
-        conns = {name: children for name, children in self._observed.conns.items() if name not in scope}
-        conns.update(fresh.conns)
-        sas = {name: value for name, value in self._observed.sas.items() if name not in scope}
-        sas.update(fresh.sas)
-        self._observed = ObservedState(conns, fresh.shared_secrets, sas)
+            fresh = self._backend.observe(None)
+            self._conns, self._secrets, self._sas = dict(fresh.conns), set(fresh.shared_secrets), dict(fresh.sas)
+        else:
+            scope = set(scope)
+            fresh = self._backend.observe(scope)
+            if any(name in self._conns and name not in fresh.conns for name in scope):
+                # A connection of ours vanished: charon restarted or someone removed it, so the
+                # cached secrets cannot be trusted either. Look at everything now.
+                self._observe(None)
+                return
+            for name in scope:
+                self._conns.pop(name, None)
+                self._sas.pop(name, None)
+            self._conns.update(fresh.conns)
+            self._sas.update(fresh.sas)
+            # Secrets come from the cache kept in step by _record: listing every secret id for a
+            # one-tunnel change would cost O(N); a full resync reads them again.
+        self._observed = ObservedState(self._conns, self._secrets, self._sas)
 
     def _note_progress(self, conn_names: Iterable[str]) -> None:
         """An SA that came up since the last look cancels the connection's initiation backoff."""
@@ -270,34 +315,37 @@ class Reconciler:
             self._record(action, now)
         for name in touched - failed:
             self._errors.pop(name, None)
+        if actions:
+            # One line per pass, not per action: a bulk load of thousands of tunnels would
+            # otherwise spend a good part of its time logging (per-action lines are at debug).
+            kinds = Counter(type(action).__name__ for action in actions)
+            log.info("applied %s for %d connection(s)%s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+                     len(touched), f", {len(failed)} failed" if failed else "")
 
     def _record(self, action: Action, now: float) -> None:
         """Keep the cached observation in step with what we just did, without asking again."""
-        observed = self._observed
-        conns, secrets, sas = dict(observed.conns), set(observed.shared_secrets), dict(observed.sas)
         if isinstance(action, LoadSecret):
-            secrets.add(action.peering.secret_id)
+            self._secrets.add(action.peering.secret_id)
             self._secret_digests[action.peering.secret_id] = secret_digest(action.peering.psk)
-            log.info("%s: loaded the pre-shared key", self._describe(action.peering.conn_name))
+            log.debug("%s: loaded the pre-shared key", self._describe(action.peering.conn_name))
         elif isinstance(action, UnloadSecret):
-            secrets.discard(action.secret_id)
+            self._secrets.discard(action.secret_id)
             self._secret_digests.pop(action.secret_id, None)
         elif isinstance(action, LoadConn):
-            conns[action.peering.conn_name] = frozenset(child for child, _ in action.peering.children)
-            log.info("%s: loaded connection %s", self._describe(action.peering.conn_name), action.peering.conn_name)
+            self._conns[action.peering.conn_name] = frozenset(child for child, _ in action.peering.children)
+            log.debug("%s: loaded connection %s", self._describe(action.peering.conn_name), action.peering.conn_name)
         elif isinstance(action, UnloadConn):
-            conns.pop(action.conn_name, None)
-            sas.pop(action.conn_name, None)
+            self._conns.pop(action.conn_name, None)
+            self._sas.pop(action.conn_name, None)
             log.info("removed connection %s", action.conn_name)
         elif isinstance(action, TerminateChild):
             log.info("%s: ended child SA %s", self._describe(action.conn_name), action.child)
         elif isinstance(action, Initiate):
             # Until charon reports progress, do not initiate again before the backoff delay.
             self._backoff.failed(action.conn_name, now)
-            log.info("%s: initiating %s", self._describe(action.conn_name), action.child)
-            if not any(sa.established for sa in sas.get(action.conn_name, ())):
-                sas[action.conn_name] = (ObservedSA(action.conn_name, "", "CONNECTING", None, ()),)
-        self._observed = ObservedState(conns, frozenset(secrets), sas)
+            log.debug("%s: initiating %s", self._describe(action.conn_name), action.child)
+            if not any(sa.established for sa in self._sas.get(action.conn_name, ())):
+                self._sas[action.conn_name] = (ObservedSA(action.conn_name, "", "CONNECTING", None, ()),)
 
     def _describe(self, conn_name: str) -> str:
         """Name the tunnels behind a connection: every log line says which tunnel it is about."""
@@ -344,7 +392,8 @@ class Reconciler:
                                                    len(self._backoff.not_before))
         snapshot = build_snapshot(self._validated, self._peerings, self._observed, self._errors,
                                   self._daemon_error, global_config, self.snapshot, now,
-                                  certificates=certificate_statuses(global_config, self._facts), reconcile=stats)
+                                  certificates=certificate_statuses(global_config, self._facts), reconcile=stats,
+                                  memo=self._status_memo)
         if self._guard is not None:
             snapshot = replace(snapshot, guard=self._guard.status)
         self._log_transitions(snapshot, now)
@@ -362,25 +411,30 @@ class NamingCache:
 
     Names are digests of the rendered parameters; recomputing them for every tunnel on every
     OVSDB change would make a one-tunnel change cost O(N) hashes. Tunnels are frozen, so a
-    tunnel seen before has the same names.
+    tunnel seen before has the same names. Keyed by identity (validation reuses the Tunnel object
+    of an unchanged row): hashing every field of thousands of tunnels would cost more than it saves.
     """
 
     def __init__(self, naming: Naming) -> None:
         self._naming = naming
-        # Keyed by identity (validation reuses the Tunnel object of an unchanged row): hashing
-        # every field of thousands of tunnels per change would cost more than it saves.
         self._names: dict[int, tuple[Tunnel, tuple[str, str | None, tuple[str, ...]]]] = {}
+        self.naming = Naming(conn_name=lambda t: self.names(t)[0], secret_id=lambda t: self.names(t)[1],
+                             child_names=lambda t: self.names(t)[2])
 
-    def naming_for(self, tunnels: Iterable[Tunnel]) -> Naming:
-        previous, self._names = self._names, {}
-        for tunnel in tunnels:
-            entry = previous.get(id(tunnel))
-            if entry is None or entry[0] is not tunnel:
-                entry = (tunnel, (self._naming.conn_name(tunnel), self._naming.secret_id(tunnel),
-                                  self._naming.child_names(tunnel)))
+    def names(self, tunnel: Tunnel) -> tuple[str, str | None, tuple[str, ...]]:
+        entry = self._names.get(id(tunnel))
+        if entry is None or entry[0] is not tunnel:
+            entry = (tunnel, (self._naming.conn_name(tunnel), self._naming.secret_id(tunnel),
+                              self._naming.child_names(tunnel)))
             self._names[id(tunnel)] = entry
-        return Naming(conn_name=lambda t: self._names[id(t)][1][0], secret_id=lambda t: self._names[id(t)][1][1],
-                      child_names=lambda t: self._names[id(t)][1][2])
+        return entry[1]
+
+    def prune(self, current: Iterable[Tunnel]) -> None:
+        """Forget tunnels that are gone, once the cache has grown well past the current set."""
+        current = list(current)
+        if len(self._names) > 2 * len(current) + 64:
+            self._names = {id(t): self._names[id(t)] for t in current
+                           if id(t) in self._names and self._names[id(t)][0] is t}
 
 
 def _conn_of(action: Action) -> str:

@@ -61,6 +61,11 @@ class PlaintextGuard:
                          guard_policies(self._mark, tunnels, interfaces) if self._mark_known else frozenset())
         if not full and target == self._target and self.status.in_place:
             return False
+        if full and not target.policies and target == self._target and self.status.in_place \
+                and not self.status.installed:
+            # Guard off and none of ours found last time: listing the whole policy table (tens of
+            # thousands of the IKE daemon's policies at scale) on every resync would buy nothing.
+            return False
         before = self.status
         self.status = self._converge(target, problem, tunnels, interfaces)
         self._target = target

@@ -80,10 +80,14 @@ class _TrackingIdl(ovs.db.idl.Idl):
     def __init__(self, remote: str, schema_helper: ovs.db.idl.SchemaHelper) -> None:
         super().__init__(remote, schema_helper)
         self.changed_interfaces: set = set()
+        # Every Interface row touched in any way (write-back included, deletions too), for the
+        # status writer, which then looks at those rows only.
+        self.touched_interfaces: set = set()
         self.write_back_changes = 0  # of change_seqno's increments, those that touched only WRITE_BACK_COLUMNS
 
     def notify(self, event, row, updates=None):  # noqa: D401 - python-ovs hook
         if row._table.name == "Interface":
+            self.touched_interfaces.add(row.uuid)
             if event == ovs.db.idl.ROW_UPDATE and updates is not None and updates._data \
                     and set(updates._data) <= WRITE_BACK_COLUMNS:
                 self.write_back_changes += 1

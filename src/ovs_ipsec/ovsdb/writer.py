@@ -100,6 +100,10 @@ class InterfaceStatusWriter:
         self._idl = idl
         self._txn: ovs.db.idl.Transaction | None = None
         self._looked_at: tuple[StatusSnapshot, int] | None = None
+        self._wanted: dict[str, dict[str, str]] = {}  # what the last look asked for, per tunnel
+        self._names: dict = {}  # Interface uuid -> name, kept for the rows the IDL reported touched
+        self._last_full_resync: float | None = None
+        self._full_scan = True  # look at every row: first run, after a failed write, on a resync
         self.writes = 0  # transactions committed, for tests and debugging
 
     def run(self, snapshot: StatusSnapshot) -> None:
@@ -113,10 +117,34 @@ class InterfaceStatusWriter:
                 and self._looked_at[1] == self._idl.change_seqno:
             return
         self._looked_at = (snapshot, self._idl.change_seqno)
-        writes = plan_writes(wanted_keys(snapshot), self._rows())
+        wanted = wanted_keys(snapshot)
+        if snapshot.reconcile.last_full_resync != self._last_full_resync:
+            # The daemon's periodic full look: also repair keys changed behind our back.
+            self._last_full_resync, self._full_scan = snapshot.reconcile.last_full_resync, True
+        writes = plan_writes(wanted, self._rows_to_check(wanted))
+        self._wanted = wanted
         if writes:
             self._txn = self._start(writes)
             self._finish_commit()
+
+    def _rows_to_check(self, wanted: Mapping[str, Mapping[str, str]]) -> list[tuple[object, str, Mapping[str, str]]]:
+        """Only rows the IDL saw change and rows of tunnels whose status changed: reading every
+        row through the IDL's accessors would make a one-tunnel change cost O(N) in this thread."""
+        rows = self._idl.tables["Interface"].rows
+        touched, self._idl.touched_interfaces = self._idl.touched_interfaces, set()
+        if self._full_scan:
+            self._full_scan = False
+            self._names = {uuid: row.name for uuid, row in rows.items()}
+            return list(self._rows())
+        for uuid in touched:
+            row = rows.get(uuid)
+            if row is None:
+                self._names.pop(uuid, None)
+            else:
+                self._names[uuid] = row.name
+        changed = {name for name in wanted.keys() | self._wanted.keys() if wanted.get(name) != self._wanted.get(name)}
+        uuids = touched | {uuid for uuid, name in self._names.items() if name in changed}
+        return [(uuid, rows[uuid].name, rows[uuid].external_ids) for uuid in uuids if uuid in rows]
 
     def wait(self, poller: ovs.poller.Poller) -> None:
         if self._txn is not None:
@@ -168,6 +196,7 @@ class InterfaceStatusWriter:
             # TRY_AGAIN (the connection dropped) or an error: look again on the next run.
             log.debug("status write ended with %s; will compare again", status)
             self._looked_at = None
+            self._full_scan = True
         self._txn = None
         return True
 

@@ -37,6 +37,7 @@ class StrongSwanBackend:
         self._session: vici.Session | None = None
         self._loaded_keys: dict[str, str] = {}  # sha256 of key PEM -> charon key id
         self._stop = threading.Event()
+        self._event_socket: socket.socket | None = None
 
     naming = Naming(conn_name=render.conn_name, secret_id=render.secret_id, child_names=render.child_names)
 
@@ -67,13 +68,15 @@ class StrongSwanBackend:
         self._loaded_keys.clear()  # a restarted charon has none of them
 
     def observe(self, conn_names: Collection[str] | None = None) -> ObservedState:
-        secrets = parse.owned_secrets(self._call("get-shared", lambda s: s.get_shared()))
         # Blocking listing on purpose: charon raises ike-updown while the worker that established
-        # the SA still holds it, and a non-blocking listing would skip exactly that SA.
+        # the SA still holds it, and a non-blocking listing would skip exactly that SA. Replies
+        # are parsed while they stream in, so thousands of them are never held at once.
         if conn_names is None:
-            conns = parse.owned_conns(self._call("list-conns", lambda s: list(s.list_conns())))
-            sas = parse.ike_sas(self._call("list-sas", lambda s: list(s.list_sas())))
+            secrets = parse.owned_secrets(self._call("get-shared", lambda s: s.get_shared()))
+            conns = self._call("list-conns", lambda s: parse.owned_conns(s.list_conns()))
+            sas = self._call("list-sas", lambda s: parse.ike_sas(s.list_sas()))
         else:
+            secrets = frozenset()  # a scoped look leaves secrets to the caller's cache
             conns, sas = {}, {}
             for name in conn_names:
                 conns.update(parse.owned_conns(self._call(f"list-conns {name}",
@@ -149,7 +152,10 @@ class StrongSwanBackend:
                 sock.settimeout(self._timeout)
                 sock.connect(self._path)
                 session = vici.Session(sock)
-                listener = session.listen(EVENT_TYPES, timeout=1.0)
+                self._event_socket = sock
+                # No timeout: an idle monitor must not wake up. close() shuts the socket down to
+                # end the wait, and a charon that dies closes it too.
+                listener = session.listen(EVENT_TYPES, timeout=None)
                 on_change(None)  # (re)connected: whatever happened meanwhile, look at everything
                 delay = 0.5
                 for label, message in listener:
@@ -168,6 +174,11 @@ class StrongSwanBackend:
 
     def close(self) -> None:
         self._stop.set()
+        if self._event_socket is not None:
+            try:
+                self._event_socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._drop_session()
 
 
