@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tunnels import add_pair, add_tunnel, charon_conns, ike_sa_ids
+from tunnels import pki, use_certificate, add_pair, add_tunnel, charon_conns, ike_sa_ids
 from ovs_ipsec.sandbox import wait_for
 
-PKI = [sys.executable, "-m", "ovs_ipsec.cli.pki_main"]
 
-
-def pki(folder: Path, *args: str) -> None:
-    subprocess.run([*PKI, "--dir", str(folder / "pki"), *args], cwd=folder, check=True, capture_output=True)
 
 
 @pytest.fixture
@@ -28,13 +21,6 @@ def ca_signed(tmp_path):
         pki(tmp_path, "sign", name, "switch")
     return tmp_path
 
-
-def use_certificate(host, folder: Path, name: str, ca: bool) -> None:
-    settings = [f"other_config:certificate={folder}/{name}-cert.pem",
-                f"other_config:private_key={folder}/{name}-privkey.pem"]
-    if ca:
-        settings.append(f"other_config:ca_cert={folder}/pki/switchca/cacert.pem")
-    host.vsctl("set", "Open_vSwitch", ".", *settings)
 
 
 @pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tunnels import add_pair, add_tunnel, charon_conns, charon_secrets, ike_sa_ids
+from tunnels import pki, use_certificate, add_pair, add_tunnel, charon_conns, charon_secrets, ike_sa_ids
 from ovs_ipsec.backends.libreswan import parse, render
 from ovs_ipsec.sandbox import LIBRESWAN_ROOT, wait_for
 
-PKI = [sys.executable, "-m", "ovs_ipsec.cli.pki_main"]
 
 
 # -- what the contract needs to know about each daemon ------------------------------------------------
@@ -263,16 +262,6 @@ def test_parameter_change_replaces_only_that_connection(hosts, swan):
 
 # -- LibreSwan only -----------------------------------------------------------------------------------
 
-def pki(folder: Path, *args: str) -> None:
-    subprocess.run([*PKI, "--dir", str(folder / "pki"), *args], cwd=folder, check=True, capture_output=True)
-
-
-def use_certificate(host, folder: Path, name: str, ca: bool) -> None:
-    settings = [f"other_config:certificate={folder}/{name}-cert.pem",
-                f"other_config:private_key={folder}/{name}-privkey.pem"]
-    if ca:
-        settings.append(f"other_config:ca_cert={folder}/pki/switchca/cacert.pem")
-    host.vsctl("set", "Open_vSwitch", ".", *settings)
 
 
 def our_nicknames(host) -> set[str]:

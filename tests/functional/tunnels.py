@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 
 def add_tunnel(host, peer, name, tunnel_type="geneve", family=4, **options):
     """`ovs-vsctl add-port` exactly as the OVS IPsec documentation shows it."""
@@ -27,3 +31,18 @@ def charon_conns(host) -> set[str]:
 
 def charon_secrets(host) -> set[str]:
     return {name.decode() for name in host.vici().get_shared()["keys"]}
+
+
+def pki(folder: Path, *args: str) -> None:
+    """`ovs-ipsec pki --dir <folder>/pki ...`, run in `folder` as the seed tutorial does."""
+    subprocess.run([sys.executable, "-m", "ovs_ipsec.cli.pki_main", "--dir", str(folder / "pki"), *args],
+                   cwd=folder, check=True, capture_output=True)
+
+
+def use_certificate(host, folder: Path, name: str, ca: bool) -> None:
+    """other_config:certificate/private_key (and ca_cert) as the OVS IPsec documentation says."""
+    settings = [f"other_config:certificate={folder}/{name}-cert.pem",
+                f"other_config:private_key={folder}/{name}-privkey.pem"]
+    if ca:
+        settings.append(f"other_config:ca_cert={folder}/pki/switchca/cacert.pem")
+    host.vsctl("set", "Open_vSwitch", ".", *settings)
