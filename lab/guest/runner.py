@@ -20,13 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import guard                                               # noqa: E402
 import scenario as scenarios                                # noqa: E402
 from auth import AUTH, STATUS_AUTH                          # noqa: E402
 from backends import BACKENDS                               # noqa: E402
 from capture import ESP, IKE, Capture                       # noqa: E402
 from hosts import Host, Topology                            # noqa: E402
 from monitor import Monitor, tunnel_established             # noqa: E402
-from proc import Shell                                      # noqa: E402
+from proc import Shell, wait_for                            # noqa: E402
 
 RESULTS = Path("/results")
 WORK = Path("/tmp/lab")
@@ -35,12 +36,18 @@ KERNEL_MODULES = ("openvswitch vport-geneve vport-vxlan vport-gre geneve vxlan i
 # A scenario's `expect` names the rule its result must meet. "encrypted": the overlay works and
 # the wire shows only ESP, and both monitors say so, with the scenario's auth method and peer
 # name (auth_ok: a certificate scenario cannot pass by authenticating some other way).
-# (A plaintext-guard scenario would add e.g. "blocked": IKE fails on purpose, ping must fail
-# and plaintext_packets must still be 0.)
+# "guarded" (guard.py): other_config:ipsec_skb_mark=0/1 on both hosts; the IPsec tunnel is still
+# "encrypted", a second, non-IPsec tunnel is dropped by the guard while OpenFlow does not mark its
+# packets (no reply, none of its packets on the wire) and works once OpenFlow sets pkt_mark=1 (its
+# packets then plaintext on the wire, as a non-IPsec tunnel's are).
 EXPECTATIONS = {
     "encrypted": lambda r: (r["ping_ok"] and r["esp_packets"] > 0 and r["plaintext_packets"] == 0
                             and r["status_ok"] and r["auth_ok"]),
 }
+EXPECTATIONS["guarded"] = lambda r: (
+    EXPECTATIONS["encrypted"](r)
+    and (r.get("guard_policies") or 0) > 0
+    and r.get("plain_blocked_ok") and r.get("plain_marked_ok"))
 ESTABLISH_TIMEOUT = 60      # seconds for both monitors to report the tunnel established
 PING = ["ping", "-c", "5", "-i", "0.5", "-W", "2"]
 
@@ -170,6 +177,8 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
         result["status_ok"] = established and all(tunnel_established(s)[0] for s in statuses.values())
         result["auth_ok"] = all(auth_matches(sc, status, peer) for status, peer in
                                 ((statuses.get(h1.name), h2), (statuses.get(h2.name), h1)))
+        if sc.expect == "guarded":
+            guard_phases(topology, capture, steps, result, out)
     except Exception as e:
         result["error"] = f"{steps.current}: {e}"
         (out / "error.txt").write_text(traceback.format_exc())
@@ -208,9 +217,46 @@ def bring_up(monitors: list, backend) -> None:
 
 
 def configure(sc: scenarios.Scenario, host: Host, peer: Host) -> None:
-    """What the operator types on one hypervisor: the bridge, the auth settings, the tunnel."""
+    """What the operator types on one hypervisor: the bridge, the auth settings, the tunnel
+    (and, for "guarded", the guard and the non-IPsec tunnel first)."""
+    if sc.expect == "guarded":
+        guard.configure(host, peer)
     host.add_bridge()
     host.add_tunnel(sc, peer, AUTH[sc.auth](host, peer))
+
+
+def guard_phases(topology: Topology, capture: Capture, steps: Steps, result: dict, out: Path) -> None:
+    """The plain (non-IPsec) tunnel under the guard: first unmarked (must be dropped, nothing on
+    the wire), then marked by OpenFlow (must work, plaintext on the wire). The underlay capture
+    keeps running; the plain tunnel's packets are counted in it at the phase boundary."""
+    h1, h2 = topology.hosts
+    result.update({"guard_policies": 0, "plain_blocked_ping_received": None, "plain_blocked_plaintext": None,
+                   "plain_blocked_out_pol_block": None, "plain_blocked_ok": False,
+                   "plain_marked_ping_sent": 0, "plain_marked_ping_received": 0,
+                   "plain_marked_plaintext": None, "plain_marked_ok": False})
+    steps("guard-blocked")
+    # The monitor installs the guard when it reads ipsec_skb_mark; it has long done so by now
+    # (the IPsec tunnel is up), but wait for it rather than assume it.
+    wait_for(lambda: all(guard.guard_policies(h) > 0 for h in topology.hosts), timeout=30)
+    result["guard_policies"] = min(guard.guard_policies(h) for h in topology.hosts)
+    blocked_before = guard.out_pol_block(h1)
+    _, received = guard.ping(h1, h2, out, "blocked", 3)
+    result["plain_blocked_ping_received"] = received
+    result["plain_blocked_out_pol_block"] = guard.out_pol_block(h1) - blocked_before
+    time.sleep(1)   # let tcpdump -U write whatever is still in flight
+    # Reading the pcap while tcpdump still writes it: -U flushes every packet.
+    result["plain_blocked_plaintext"] = capture.count(guard.WIRE)
+    (out / "guard-blocked-flows.txt").write_text("\n".join(guard.flows(h) for h in topology.hosts))
+    result["plain_blocked_ok"] = received == 0 and result["plain_blocked_plaintext"] == 0
+    steps("guard-marked")
+    for h in topology.hosts:
+        guard.add_mark_flow(h)
+    sent, received = guard.ping(h1, h2, out, "marked", 5)
+    result["plain_marked_ping_sent"], result["plain_marked_ping_received"] = sent, received
+    time.sleep(1)
+    result["plain_marked_plaintext"] = capture.count(guard.WIRE) - result["plain_blocked_plaintext"]
+    (out / "guard-marked-flows.txt").write_text("\n".join(guard.flows(h) for h in topology.hosts))
+    result["plain_marked_ok"] = received >= 1 and result["plain_marked_plaintext"] > 0
 
 
 def teardown(topology: Topology, backend, monitors: list, out: Path) -> None:

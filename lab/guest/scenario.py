@@ -11,7 +11,7 @@ TUNNELS = ("gre", "geneve", "vxlan")
 # certificates (other_config:ca_cert + options:remote_name). How: guest/auth.py.
 AUTHS = ("psk", "cert", "ca")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
-EXPECTS = ("encrypted",)
+EXPECTS = ("encrypted", "guarded")
 BACKENDS = ("strongswan",)
 UNDERLAYS = {
     # family: (host 1 address, host 2 address, prefix length)
