@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tunnels import pki, use_certificate, add_pair, add_tunnel, charon_conns, ike_sa_ids
+from tunnels import connect_with_certificates, make_ca_signed, make_self_signed, pki, use_certificate, add_pair, add_tunnel, charon_conns, ike_sa_ids
 from ovs_ipsec.sandbox import wait_for
 
 
@@ -14,39 +14,19 @@ from ovs_ipsec.sandbox import wait_for
 
 @pytest.fixture
 def ca_signed(tmp_path):
-    """A switch CA and two host certificates it signed, made exactly as the seed tutorial says."""
-    pki(tmp_path, "init")
-    for name in ("hostA", "hostB"):
-        pki(tmp_path, "req", name)
-        pki(tmp_path, "sign", name, "switch")
+    make_ca_signed(tmp_path)
     return tmp_path
-
 
 
 @pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])
 def test_ca_signed_tunnel_reaches_established(two_hosts, ca_signed, tunnel_type):
-    a, b = two_hosts
-    use_certificate(a, ca_signed, "hostA", ca=True)
-    use_certificate(b, ca_signed, "hostB", ca=True)
-    add_tunnel(a, b, "tun", tunnel_type, remote_name="hostB")
-    add_tunnel(b, a, "tun", tunnel_type, remote_name="hostA")
-    for host, peer in ((a, "hostB"), (b, "hostA")):
-        tunnel = host.wait_state("tun", "established")
-        assert tunnel["auth"] == "ca-cert" and tunnel["remote_name"] == peer
+    connect_with_certificates(*two_hosts, ca_signed, tunnel_type, ca=True)
 
 
 @pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])
 def test_self_signed_tunnel_reaches_established(two_hosts, tmp_path, tunnel_type):
-    a, b = two_hosts
-    for name in ("hostA", "hostB"):
-        pki(tmp_path, "req", name)
-        pki(tmp_path, "self-sign", name)
-    use_certificate(a, tmp_path, "hostA", ca=False)
-    use_certificate(b, tmp_path, "hostB", ca=False)
-    add_tunnel(a, b, "tun", tunnel_type, remote_cert=f"{tmp_path}/hostB-cert.pem")
-    add_tunnel(b, a, "tun", tunnel_type, remote_cert=f"{tmp_path}/hostA-cert.pem")
-    for host in (a, b):
-        assert host.wait_state("tun", "established")["auth"] == "peer-cert"
+    make_self_signed(tmp_path)
+    connect_with_certificates(*two_hosts, tmp_path, tunnel_type, ca=False)
 
 
 def test_wrong_peer_name_is_refused_by_the_peer_not_silently_accepted(two_hosts, ca_signed):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnels import pki, use_certificate, add_pair, add_tunnel, charon_conns, charon_secrets, ike_sa_ids
+from tunnels import connect_with_certificates, make_ca_signed, make_self_signed, pki, use_certificate, add_pair, add_tunnel, charon_conns, charon_secrets, ike_sa_ids
 from ovs_ipsec.backends.libreswan import parse, render
 from ovs_ipsec.sandbox import LIBRESWAN_ROOT, wait_for
 
@@ -272,32 +272,15 @@ def our_nicknames(host) -> set[str]:
 @pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])
 def test_libreswan_ca_signed_tunnel_reaches_established(lsw_hosts, tmp_path, tunnel_type):
     a, b = lsw_hosts
-    pki(tmp_path, "init")
-    for name in ("hostA", "hostB"):
-        pki(tmp_path, "req", name)  # ECDSA P-256, our PKI's default: pluto signs with authby ecdsa
-        pki(tmp_path, "sign", name, "switch")
-    use_certificate(a, tmp_path, "hostA", ca=True)
-    use_certificate(b, tmp_path, "hostB", ca=True)
-    add_tunnel(a, b, "tun", tunnel_type, remote_name="hostB")
-    add_tunnel(b, a, "tun", tunnel_type, remote_name="hostA")
-    for host, peer in ((a, "hostB"), (b, "hostA")):
-        tunnel = host.wait_state("tun", "established")
-        assert tunnel["auth"] == "ca-cert" and tunnel["remote_name"] == peer
+    make_ca_signed(tmp_path)  # ECDSA P-256, our PKI's default: pluto signs with authby ecdsa
+    connect_with_certificates(a, b, tmp_path, tunnel_type, ca=True)
     assert len(our_nicknames(a)) == 2  # our certificate and key, the CA
 
 
 @pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])
 def test_libreswan_self_signed_tunnel_reaches_established(lsw_hosts, tmp_path, tunnel_type):
-    a, b = lsw_hosts
-    for name in ("hostA", "hostB"):
-        pki(tmp_path, "req", name)
-        pki(tmp_path, "self-sign", name)
-    use_certificate(a, tmp_path, "hostA", ca=False)
-    use_certificate(b, tmp_path, "hostB", ca=False)
-    add_tunnel(a, b, "tun", tunnel_type, remote_cert=f"{tmp_path}/hostB-cert.pem")
-    add_tunnel(b, a, "tun", tunnel_type, remote_cert=f"{tmp_path}/hostA-cert.pem")
-    for host in (a, b):
-        assert host.wait_state("tun", "established")["auth"] == "peer-cert"
+    make_self_signed(tmp_path)
+    connect_with_certificates(*lsw_hosts, tmp_path, tunnel_type, ca=False)
 
 
 def test_libreswan_rsa_certificates_work_too(lsw_hosts, tmp_path):

@@ -46,3 +46,31 @@ def use_certificate(host, folder: Path, name: str, ca: bool) -> None:
     if ca:
         settings.append(f"other_config:ca_cert={folder}/pki/switchca/cacert.pem")
     host.vsctl("set", "Open_vSwitch", ".", *settings)
+
+
+def make_ca_signed(folder: Path) -> None:
+    """A switch CA and two host certificates it signed, made exactly as the seed tutorial says."""
+    pki(folder, "init")
+    for name in ("hostA", "hostB"):
+        pki(folder, "req", name)
+        pki(folder, "sign", name, "switch")
+
+
+def make_self_signed(folder: Path) -> None:
+    for name in ("hostA", "hostB"):
+        pki(folder, "req", name)
+        pki(folder, "self-sign", name)
+
+
+def connect_with_certificates(a, b, folder: Path, tunnel_type: str, ca: bool) -> None:
+    """hostA on a, hostB on b; a tunnel both ways; both sides established with the right auth."""
+    use_certificate(a, folder, "hostA", ca=ca)
+    use_certificate(b, folder, "hostB", ca=ca)
+    for host, peer, peer_name in ((a, b, "hostB"), (b, a, "hostA")):
+        auth = {"remote_name": peer_name} if ca else {"remote_cert": f"{folder}/{peer_name}-cert.pem"}
+        add_tunnel(host, peer, "tun", tunnel_type, **auth)
+    for host, peer_name in ((a, "hostB"), (b, "hostA")):
+        tunnel = host.wait_state("tun", "established")
+        assert tunnel["auth"] == ("ca-cert" if ca else "peer-cert")
+        if ca:
+            assert tunnel["remote_name"] == peer_name
