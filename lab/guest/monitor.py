@@ -13,8 +13,9 @@ CLI = ["python3", "-m", "ovs_ipsec.cli.main"]
 class Monitor:
     logs = ("ovs-monitor-ipsec.log", "monitor.out")
 
-    def __init__(self, host: Host, backend):
+    def __init__(self, host: Host, backend, tunnel: str = TUNNEL_PORT):
         self.host, self.backend = host, backend
+        self.tunnel = tunnel   # the name of the tunnel this host must report established
         self.ctl = host.dir / "ovs-monitor-ipsec.ctl"
         self.pidfile = host.dir / "ovs-monitor-ipsec.pid"
 

@@ -21,11 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import guard                                               # noqa: E402
+import ovn                                                 # noqa: E402
 import scenario as scenarios                                # noqa: E402
 from auth import AUTH, STATUS_AUTH                          # noqa: E402
 from backends import BACKENDS                               # noqa: E402
 from capture import ESP, IKE, Capture                       # noqa: E402
-from hosts import Host, Topology                            # noqa: E402
+from hosts import TUNNEL_PORT, Host, Topology               # noqa: E402
 from monitor import Monitor, tunnel_established             # noqa: E402
 from proc import Shell, wait_for                            # noqa: E402
 
@@ -98,7 +99,7 @@ def wait_established(monitors: list) -> tuple:
     with ThreadPoolExecutor(max_workers=len(monitors)) as pool:
         while True:
             last = dict(zip((m.host.name for m in monitors), pool.map(query, monitors), strict=True))
-            if all(tunnel_established(status)[0] for status in last.values()):
+            if all(tunnel_established(last[m.host.name], m.tunnel)[0] for m in monitors):
                 return True, last
             if time.monotonic() >= deadline:
                 return False, last
@@ -112,10 +113,10 @@ def final_status(monitors: list) -> dict:
                         strict=True))
 
 
-def auth_matches(sc: scenarios.Scenario, status: dict, peer) -> bool:
+def auth_matches(sc: scenarios.Scenario, monitor: Monitor, status: dict, peer) -> bool:
     """The monitor reports the tunnel with the scenario's auth method (status `auth`: psk,
     peer-cert or ca-cert) and, with certificates, the peer's name (its certificate's CN)."""
-    entry = tunnel_established(status or {})[1] or {}
+    entry = tunnel_established(status or {}, monitor.tunnel)[1] or {}
     if entry.get("auth") != STATUS_AUTH[sc.auth]:
         return False
     return sc.auth == "psk" or entry.get("remote_name") == peer.name
@@ -142,13 +143,15 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
     topology = Topology(sc, work, sh)
     h1, h2 = topology.hosts
     backend = BACKENDS[sc.backend]()
+    control = ovn.Ovn(sc.tunnel, work, sh) if sc.control == "ovn" else None
     capture = Capture(h2, out / "underlay.pcap")
     monitors = []
     steps = Steps(sc.name, sh)
     result = {**sc.summary(), "ping_ok": False, "esp_packets": 0, "plaintext_packets": None,
               "ike_packets": 0, "status_ok": False, "auth_ok": False, "pass": False, "error": None,
               "status": {}}
-    say(f"[{sc.name}] start: {sc.tunnel}/{sc.auth}/{sc.backend}, {sc.underlay} underlay, options {sc.options}")
+    say(f"[{sc.name}] start: {sc.tunnel}/{sc.auth}/{sc.backend} by {sc.control}, {sc.underlay} underlay, "
+        f"options {sc.options}")
     try:
         steps("underlay")
         topology.up()
@@ -156,12 +159,14 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
         steps("capture")
         capture.start()
         steps("daemons")
-        monitors = [Monitor(h, backend) for h in topology.hosts]
+        monitors = [Monitor(h1, backend, tunnel_name(sc, h2)), Monitor(h2, backend, tunnel_name(sc, h1))]
+        if control:
+            control.start()
         bring_up(monitors, backend)
-        steps("ovs-vsctl")
+        steps(sc.control)
         # Two operators, one per hypervisor, at the same time.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(lambda pair: configure(sc, *pair), ((h1, h2), (h2, h1))))
+            list(pool.map(lambda pair: configure(sc, control, *pair), ((h1, h2), (h2, h1))))
         steps("establish")
         established, _ = wait_established(monitors)
         say(f"[{sc.name}] monitors report established: {established} ({steps.elapsed()}s)")
@@ -171,12 +176,14 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
             asked = pool.submit(final_status, monitors)
             result.update(ping(topology, out))
             statuses = asked.result()
-        for name, status in statuses.items():
-            (out / f"{name}-status.json").write_text(json.dumps(status, indent=2) + "\n")
-            result["status"][name] = tunnel_established(status)[1] or status
-        result["status_ok"] = established and all(tunnel_established(s)[0] for s in statuses.values())
-        result["auth_ok"] = all(auth_matches(sc, status, peer) for status, peer in
-                                ((statuses.get(h1.name), h2), (statuses.get(h2.name), h1)))
+        for m in monitors:
+            status = statuses[m.host.name]
+            (out / f"{m.host.name}-status.json").write_text(json.dumps(status, indent=2) + "\n")
+            result["status"][m.host.name] = tunnel_established(status, m.tunnel)[1] or status
+        result["status_ok"] = established and all(tunnel_established(statuses[m.host.name], m.tunnel)[0]
+                                                  for m in monitors)
+        result["auth_ok"] = all(auth_matches(sc, m, statuses.get(m.host.name), peer)
+                                for m, peer in zip(monitors, (h2, h1), strict=True))
         if sc.expect == "guarded":
             guard_phases(topology, capture, steps, result, out)
     except Exception as e:
@@ -196,7 +203,7 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
                     (out / "underlay.txt").write_text(text.result())
         except Exception as e:
             result["error"] = result["error"] or f"capture: {e}"
-        teardown(topology, backend, monitors, out)
+        teardown(topology, backend, control, monitors, out)
         steps("done")
     result["pass"] = bool(not result["error"] and EXPECTATIONS[sc.expect](result))
     result["seconds"] = steps.elapsed()
@@ -216,9 +223,17 @@ def bring_up(monitors: list, backend) -> None:
             f.result()
 
 
-def configure(sc: scenarios.Scenario, host: Host, peer: Host) -> None:
+def tunnel_name(sc: scenarios.Scenario, peer: Host) -> str:
+    return ovn.tunnel_name(peer) if sc.control == "ovn" else TUNNEL_PORT
+
+
+def configure(sc: scenarios.Scenario, control, host: Host, peer: Host) -> None:
     """What the operator types on one hypervisor: the bridge, the auth settings, the tunnel
-    (and, for "guarded", the guard and the non-IPsec tunnel first)."""
+    (and, for "guarded", the guard and the non-IPsec tunnel first). With OVN: the chassis
+    settings, ovn-controller and a logical port; OVN makes the tunnel."""
+    if control:
+        control.join(host, peer)
+        return
     if sc.expect == "guarded":
         guard.configure(host, peer)
     host.add_bridge()
@@ -259,9 +274,10 @@ def guard_phases(topology: Topology, capture: Capture, steps: Steps, result: dic
     result["plain_marked_ok"] = received >= 1 and result["plain_marked_plaintext"] > 0
 
 
-def teardown(topology: Topology, backend, monitors: list, out: Path) -> None:
-    """Keep each host's state, stop what the scenario started (monitor, IKE daemon, OVS), keep
-    their logs, drop the netns. The two hosts are torn down in parallel."""
+def teardown(topology: Topology, backend, control, monitors: list, out: Path) -> None:
+    """Keep each host's state, stop what the scenario started (ovn-controller, monitor, IKE
+    daemon, OVS; then the OVN central), keep their logs, drop the netns. The two hosts are torn
+    down in parallel."""
     by_host = {m.host.name: m for m in monitors}
     hosts = [h for h in topology.hosts if h.dir.exists()]
 
@@ -270,11 +286,14 @@ def teardown(topology: Topology, backend, monitors: list, out: Path) -> None:
         _quietly(lambda: (out / f"{host.name}-state.txt").write_text(host.snapshot()))
 
     def one(host):
+        if control:
+            _quietly(control.leave, host)
         if host.name in by_host:
             _quietly(by_host[host.name].stop)
         _quietly(backend.stop, host)
         _quietly(host.stop_ovs)
-        logs = ("ovsdb-server.log", "ovs-vswitchd.log", *backend.logs, *Monitor.logs)
+        logs = ("ovsdb-server.log", "ovs-vswitchd.log", *backend.logs, *Monitor.logs,
+                *(control.chassis_logs if control else ()))
         for log in logs:
             if (host.dir / log).exists():
                 shutil.copy2(host.dir / log, out / f"{host.name}-{log}")
@@ -287,6 +306,11 @@ def teardown(topology: Topology, backend, monitors: list, out: Path) -> None:
     with ThreadPoolExecutor(max_workers=len(topology.hosts)) as pool:
         list(pool.map(state, hosts))
         list(pool.map(one, hosts))
+    if control:
+        _quietly(control.stop)
+        for log in control.logs:
+            if (control.dir / log).exists():
+                shutil.copy2(control.dir / log, out / f"central-{log}")
     topology.down()
 
 

@@ -12,7 +12,10 @@ TUNNELS = ("gre", "geneve", "vxlan")
 AUTHS = ("psk", "cert", "ca")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
 EXPECTS = ("encrypted", "guarded")
-BACKENDS = ("strongswan",)
+BACKENDS = ("strongswan", "libreswan")
+# Who creates the tunnel: the operator with ovs-vsctl on each host, or OVN (guest/ovn.py: each
+# host an OVN chassis, ovn-controller makes the tunnel after `ovn-nbctl set nb_global . ipsec=true`).
+CONTROLS = ("ovs-vsctl", "ovn")
 UNDERLAYS = {
     # family: (host 1 address, host 2 address, prefix length)
     "ipv4": ("10.0.0.1", "10.0.0.2", 24),
@@ -31,13 +34,20 @@ class Scenario:
     underlay: str = "ipv4"
     options: dict = field(default_factory=dict)
     expect: str = "encrypted"
+    control: str = "ovs-vsctl"
 
     def __post_init__(self):
         for value, allowed in ((self.tunnel, TUNNELS), (self.auth, AUTHS),
                                (self.backend, BACKENDS), (self.underlay, tuple(UNDERLAYS)),
-                               (self.expect, EXPECTS)):
+                               (self.expect, EXPECTS), (self.control, CONTROLS)):
             if value not in allowed:
                 raise ValueError(f"scenario {self.name}: {value!r} is not one of {', '.join(allowed)}")
+        # OVN encapsulates in Geneve or VXLAN, names peers by chassis (CA-signed certificates) and
+        # makes its own tunnel options.
+        if self.control == "ovn" and (self.tunnel == "gre" or self.auth != "ca" or self.options
+                                      or self.expect != "encrypted"):
+            raise ValueError(f"scenario {self.name}: OVN needs tunnel geneve or vxlan, auth ca, "
+                             "no options and expect encrypted")
 
     @property
     def port(self):
@@ -55,7 +65,8 @@ class Scenario:
 
     def summary(self) -> dict:
         return {"name": self.name, "tunnel": self.tunnel, "auth": self.auth, "backend": self.backend,
-                "underlay": self.underlay, "options": dict(self.options), "expect": self.expect}
+                "underlay": self.underlay, "options": dict(self.options), "expect": self.expect,
+                "control": self.control}
 
 
 def load(path: Path) -> list:

@@ -1,7 +1,8 @@
 """Build the VM's pieces, each cached under CACHE/<stage>/<key> and rebuilt only when its key changes.
 
     kernel/     Debian's linux-image-amd64 kernel package, extracted        key: package + version
-    base/       debootstrap'ed Debian 12 + the kernel's modules, ext4 image   key: BASE_VERSION, packages, kernel
+    base/       debootstrap'ed Debian 12 + LibreSwan + the kernel's modules   key: BASE_VERSION, packages,
+                ext4 image                                                       libreswan, kernel
     initramfs/  busybox + the modules needed to mount the disks              key: kernel, guest/initramfs-init
     pydeps/     the project's Python dependencies, installed for cp311       key: pyproject dependencies
     overlay/    src/ + pydeps + lab/guest + scenarios, ext4 image            key: content hash of all of those
@@ -32,7 +33,13 @@ BASE_PACKAGES = [
     "libstrongswan-standard-plugins",   # gcm, openssl (AES-GCM / ECP proposals)
     "iproute2", "tcpdump", "iputils-ping", "kmod", "procps",
     "python3",                          # Debian's 3.11, runs the monitor and the guest runner
+    "ovn-central", "ovn-host",          # NB/SB ovsdb-servers, ovn-northd, ovn-controller (OVN scenarios)
 ]
+# Debian's libreswan conflicts with strongSwan as a package, though not in a single file with the
+# strongSwan packages above: its .deb is unpacked over the root filesystem (dpkg-deb -x) and its
+# dependencies, read from the .deb, are installed as packages. pluto, whack and `ipsec` then sit
+# at their compiled-in paths next to charon.
+LIBRESWAN = "libreswan"
 # Hardware driver trees a virtio-only VM never loads; leaving them out halves the image.
 MODULE_EXCLUDES = ["sound", "drivers/gpu", "drivers/media", "drivers/infiniband", "drivers/net/wireless",
                    "drivers/net/ethernet", "drivers/scsi", "drivers/usb", "drivers/iio", "drivers/hwmon",
@@ -76,7 +83,7 @@ def build_kernel() -> Kernel:
     if not m:
         raise LabError("apt knows no linux-image-amd64 kernel; run lab/setup.sh (it runs apt-get update)")
     pkg, version = m.group(1), m.group(2)
-    candidate = re.search(r"Candidate: (\S+)", output(["apt-cache", "policy", pkg])).group(1)
+    candidate = _candidate(pkg)
     key = f"{pkg}_{candidate}"
     stage = paths.CACHE / "kernel"
     tree = stage / key
@@ -115,8 +122,38 @@ def debian_mirror() -> str:
     return uris[0]
 
 
+def _candidate(package: str) -> str:
+    m = re.search(r"Candidate: (\S+)", output(["apt-cache", "policy", package]))
+    if not m or m.group(1) == "(none)":
+        raise LabError(f"apt knows no {package} package; run lab/setup.sh (it runs apt-get update)")
+    return m.group(1)
+
+
+def _download_libreswan(folder: Path, version: str) -> tuple:
+    """(the .deb, the names of the packages it depends on: first alternative, no versions)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    run(["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{LIBRESWAN}={version}"],
+        cwd=folder, capture_output=True)
+    deb = next(folder.glob(f"{LIBRESWAN}_*.deb"))
+    depends = output(["dpkg-deb", "-f", deb, "Depends"])
+    names = [dep.split("|")[0].split("(")[0].strip() for dep in depends.split(",")]
+    return deb, [_real_package(n) for n in names if n]
+
+
+def _real_package(name: str) -> str:
+    """debootstrap installs only real packages: a virtual one (libreswan depends on `host`)
+    becomes its first provider (bind9-host)."""
+    if "Candidate: (none)" not in output(["apt-cache", "policy", name]):
+        return name
+    provides = output(["apt-cache", "showpkg", name]).split("Reverse Provides:", 1)[-1].split()
+    if not provides:
+        raise LabError(f"no package provides {name}, which {LIBRESWAN} depends on")
+    return provides[0]
+
+
 def build_base(kernel: Kernel, force: bool = False) -> Path:
-    key = digest(BASE_VERSION, SUITE, *BASE_PACKAGES, kernel.key, *MODULE_EXCLUDES)
+    libreswan = _candidate(LIBRESWAN)
+    key = digest(BASE_VERSION, SUITE, *BASE_PACKAGES, f"{LIBRESWAN}={libreswan}", kernel.key, *MODULE_EXCLUDES)
     stage = paths.CACHE / "base"
     final = stage / key
     image = final / "base.img"
@@ -126,10 +163,14 @@ def build_base(kernel: Kernel, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     rootfs = tmp / "rootfs"
     rootfs.mkdir(parents=True)
+    deb, libreswan_deps = _download_libreswan(tmp / "debs", libreswan)
     mirror = debian_mirror()
     with Timer(f"debootstrap {SUITE} from {mirror}"):
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES + libreswan_deps)}",
              SUITE, rootfs, mirror], capture_output=True, text=True)
+    # --keep-directory-symlink: the .deb ships /lib/..., and /lib is a symlink (merged /usr).
+    run(["bash", "-c", f"set -o pipefail; dpkg-deb --fsys-tarfile {deb} | tar -x --keep-directory-symlink -C {rootfs}"])
+    shutil.rmtree(deb.parent)
     with Timer("install kernel modules"):
         _install_modules(kernel, rootfs)
     # Mount points for the overlay disk and the host's results share.

@@ -26,7 +26,7 @@ def collect(console: Path, expected: list) -> tuple:
         if sc["name"] not in seen:
             results.append({
                 "name": sc["name"], "tunnel": sc["tunnel"], "auth": sc["auth"], "backend": sc["backend"],
-                "ping_ok": False, "esp_packets": None, "plaintext_packets": None, "status_ok": False,
+                "control": sc["control"], "ping_ok": False, "esp_packets": None, "plaintext_packets": None, "status_ok": False,
                 "pass": False, "error": "no result from the VM (see console.log)"})
     return kernel, results
 
@@ -37,7 +37,7 @@ def write(path: Path, kernel: str, results: list, extra: dict) -> None:
 
 def table(results: list) -> str:
     cols = [("scenario", "name"), ("tunnel", "tunnel"), ("auth", "auth"), ("backend", "backend"),
-            ("ping", "ping_ok"), ("esp", "esp_packets"), ("plain", "plaintext_packets"),
+            ("control", "control"), ("ping", "ping_ok"), ("esp", "esp_packets"), ("plain", "plaintext_packets"),
             ("status", "status_ok"), ("secs", "seconds"), ("result", "pass")]
 
     def cell(res, key):

@@ -1,11 +1,12 @@
 """The real-kernel lab (lab/run.sh) as one pytest test.
 
 It boots Debian's kernel under QEMU once and runs every scenario of lab/scenarios.toml: two
-hosts with OVS on the kernel datapath, charon and our monitor, a tunnel per scenario, ping
-over it and a capture proving it is ESP on the wire. See lab/README.md.
+hosts with OVS on the kernel datapath, an IKE daemon (charon or pluto) and our monitor, a tunnel
+per scenario (made with ovs-vsctl, or by OVN), ping over it and a capture proving it is ESP on
+the wire. See lab/README.md.
 
-Cold (nothing cached: debootstrap, kernel download) it takes about 5-7 minutes on 2 cores for the
-11 scenarios; warm about 1.5 minutes less. Deselect with `-m "not lab"`.
+Cold (nothing cached: debootstrap, kernel download) it takes about 8-10 minutes on 2 cores for the
+18 scenarios; warm about 1.5 minutes less. Deselect with `-m "not lab"`.
 """
 
 from __future__ import annotations

@@ -127,6 +127,9 @@ def test_problem_on_captured_failures():
 
 @pytest.mark.parametrize("out", [
     "000 initiating all conns with alias='x'\n181 \"x\" #1: initiating IKEv2 connection\n",
+    # seen in the lab: an initiate queued on an IKE SA that was retransmitting (code 010)
+    '010 "ovsipsec-10.0.0.2-e2f25d7805_ike" #1: STATE_V2_ESTABLISHED_IKE_SA: retransmission; '
+    'will wait 0.5 seconds for response\n',
     "002 loading secrets from \"/etc/ipsec.secrets\"\n",
     '"x" #1: initiating IKEv2 connection\n',  # 5.x: no codes
     "",

@@ -282,12 +282,14 @@ class Reconciler:
         self._observed = ObservedState(self._conns, self._secrets, self._sas)
 
     def _note_progress(self, conn_names: Iterable[str]) -> None:
-        """An SA that came up since the last look cancels the connection's initiation backoff."""
+        """An SA that came up since the last look cancels the connection's initiation backoff,
+        and the error of a failed initiation: the SA it asked for is there after all."""
         for name in conn_names:
             up = [sa for sa in self._observed.sas_of(name) if sa.established]
             progress = (bool(up), max((sa.child_sas_installed for sa in up), default=0))
             if progress > self._progress.get(name, (False, 0)):
                 self._backoff.reset(name)
+                self._errors.pop(name, None)
             if name in self._peerings:
                 self._progress[name] = progress
             else:

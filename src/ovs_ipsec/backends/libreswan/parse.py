@@ -155,14 +155,16 @@ def problem(stdout: str, stderr: str, returncode: int) -> str | None:
 
     Neither tool's exit status is enough: LibreSwan 4's addconn exits 0 when a connection "did
     not load properly", and whack exits 0 when the connection it was asked to initiate is
-    unknown. LibreSwan 4 marks errors with codes 010-099 (e.g. "021 no connection named").
+    unknown. LibreSwan 4 marks errors with codes 020-099 (e.g. "021 no connection named"); 010
+    is RC_RETRANSMISSION, "failure, but not definitive": an asynchronous initiate queued on an IKE
+    SA may echo that SA's retransmissions, and the initiate still goes ahead.
     """
     bad = []
     for raw in (stdout + "\n" + stderr).splitlines():
         line = raw.strip()
         code = raw[:3]
         if code.isdigit() and raw[3:4] == " ":
-            if 10 <= int(code) < 100 or "ERROR" in line:
+            if 20 <= int(code) < 100 or "ERROR" in line:
                 bad.append(line[4:])
         elif line and _PROBLEM.search(line):
             bad.append(line)
