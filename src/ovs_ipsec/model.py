@@ -159,6 +159,9 @@ class ObservedState:
     conns: Mapping[str, frozenset[str]]  # connection name -> names of its child configs
     shared_secrets: AbstractSet[str]
     sas: Mapping[str, tuple[ObservedSA, ...]]  # connection name -> its IKE SAs
+    # Which run of the IKE daemon this is (e.g. its start time): a new value means it restarted
+    # and lost every SA. Set by full observations; None where the backend cannot tell.
+    daemon_id: str | None = None
 
     def sas_of(self, conn_name: str) -> tuple[ObservedSA, ...]:
         return self.sas.get(conn_name, ())

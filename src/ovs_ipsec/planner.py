@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections.abc import Callable, Collection, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from .model import AuthMethod, Invalid, ObservedState, Tunnel
@@ -95,6 +96,9 @@ class Memory:
 
     secret_digests: Mapping[str, str]  # secret id -> digest of the PSK last loaded
     not_before: Mapping[str, float]  # conn name -> no new attempt before this time (backoff)
+    # Responder connections that initiate too: our IKE daemon restarted and lost their SAs, which
+    # the peer still believes in (it would notice only when DPD gives up, a minute or more later).
+    takeover: AbstractSet[str] = frozenset()
 
 
 def is_initiator(tunnel: Tunnel) -> bool:
@@ -148,7 +152,9 @@ def group_peerings(tunnels: Collection[Tunnel], naming: Naming) -> tuple[dict[st
 
 def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory, now: float,
          scope: Collection[str] | None = None) -> tuple[Action, ...]:
-    """Actions for the connections in scope (None: all), removals first."""
+    """Actions for the connections in scope (None: all): removals, then loads, then initiations
+    (every connection and secret of the batch is in place before the first IKE packet leaves, and
+    a backend that must reload its secrets does so once per batch, not once per tunnel)."""
     in_scope = (lambda name: True) if scope is None else (lambda name: name in scope)
     wanted_secrets = {p.secret_id for p in desired.values() if p.secret_id}
 
@@ -158,12 +164,14 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
                  if in_scope(secret)]
 
     additions: list[Action] = []
+    initiations: list[Action] = []
     names = desired.keys() if scope is None else (name for name in scope if name in desired)
     for name in sorted(names):
         if memory.not_before.get(name, 0.0) > now:
             continue
-        additions.extend(_converge(desired[name], observed, memory))
-    return tuple(removals + additions)
+        for action in _converge(desired[name], observed, memory):
+            (initiations if isinstance(action, Initiate) else additions).append(action)
+    return tuple(removals + additions + initiations)
 
 
 def _converge(peering: Peering, observed: ObservedState, memory: Memory) -> list[Action]:
@@ -177,7 +185,7 @@ def _converge(peering: Peering, observed: ObservedState, memory: Memory) -> list
     sas = observed.sas_of(peering.conn_name)
     installed = {child for sa in sas for child in sa.installed_children}
     actions += [TerminateChild(peering.conn_name, child) for child in sorted(installed - wanted_children)]
-    if peering.initiator:
+    if peering.initiator or peering.conn_name in memory.takeover:
         actions += _initiations(peering, sas, installed)
     return actions
 

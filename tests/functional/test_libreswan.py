@@ -15,6 +15,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -189,16 +190,26 @@ def test_monitor_restart_without_change_touches_nothing_in_the_daemon(hosts, swa
     assert "LoadConn" not in a.log_text()[log_before:]  # the pass summary names every action kind
 
 
-def test_ike_daemon_restart_is_repaired(hosts, swan):
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_ike_daemon_restart_is_repaired(hosts, swan, side):
     a, b = hosts
     add_pair(a, b, "tun", "gre", psk="swordfish")
-    conn = a.wait_state("tun", "established")["conn"]
-    a.stop_ike_daemon(hard=True)
-    a.start_ike_daemon()
-    wait_for(lambda: conn in swan.conns(a), 30, what="connection reloaded after the daemon restarted")
-    assert conn in swan.secrets(a)
-    a.wait_state("tun", "established", timeout=60)
-    b.wait_state("tun", "established", timeout=60)
+    a.wait_state("tun", "established")
+    b.wait_state("tun", "established")
+    # a (the lower address) initiates. A restarted responder must not wait for the initiator to
+    # notice (its IKE SA looks fine to it until DPD gives up, minutes later).
+    restarted = a if side == "initiator" else b
+    conn = restarted.tunnel("tun")["conn"]
+    restarted.stop_ike_daemon(hard=True)
+    started = time.monotonic()
+    restarted.start_ike_daemon()
+    wait_for(lambda: conn in swan.conns(restarted), 30, what="connection reloaded after the daemon restarted")
+    assert conn in swan.secrets(restarted)
+    # The daemon's own SA list, not the monitor's status (which may not have noticed the restart yet).
+    wait_for(lambda: conn in swan.ike_sa_ids(restarted), 30, what=f"a new IKE SA after the {side}'s daemon restarted")
+    print(f"{swan.name} {side} restart: IKE SA up again after {time.monotonic() - started:.1f} s")
+    for host in (a, b):
+        host.wait_state("tun", "established", timeout=30)
 
 
 def test_foreign_connection_and_secret_survive_every_reconcile(hosts, swan):

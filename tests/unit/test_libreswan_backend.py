@@ -136,7 +136,9 @@ def test_initiate_starts_the_ike_sa_with_the_anchor_then_queues_the_child(fake, 
     lsw.observe()
     fake.calls.clear()
     lsw.apply(Initiate(peering.conn_name, child))
-    assert fake.commands() == [["--name", anchor, "--initiate", "--asynchronous"],
+    # pluto has not read our secrets since we started: IKE_AUTH will need the PSK.
+    assert fake.commands() == [["--rereadsecrets"],
+                               ["--name", anchor, "--initiate", "--asynchronous"],
                                ["--name", child, "--initiate", "--asynchronous"]]
     fake.status = status_with(*render.pluto_names(peering), states=[
         f'#1: "{anchor}":500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); newest; idle;'])
@@ -146,17 +148,36 @@ def test_initiate_starts_the_ike_sa_with_the_anchor_then_queues_the_child(fake, 
     assert fake.commands() == [["--name", peering.children[1][0], "--initiate", "--asynchronous"]]
 
 
-def test_secrets_are_private_and_reread_only_when_they_change(fake, lsw, paths):
+def rereads(fake):
+    return len([c for c in fake.commands() if c == ["--rereadsecrets"]])
+
+
+def test_secrets_are_private_and_reread_once_per_batch_when_they_change(fake, lsw, paths):
     peering = peering_of(lsw, row("gnv0", "geneve", **PSK))
     lsw.apply(LoadSecret(peering))
     lsw.apply(LoadSecret(peering))
     path = os.path.join(paths.conn_dir, f"{peering.secret_id}.secrets")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert 'PSK "swordfish"' in open(path).read()
-    assert [c for c in fake.commands() if c == ["--rereadsecrets"]] == [["--rereadsecrets"]]
     assert not [name for name in os.listdir(paths.conn_dir) if name.endswith(".tmp")]
+    assert rereads(fake) == 0  # deferred to the end of the batch
+    lsw.flush()
+    assert rereads(fake) == 1
+    lsw.apply(LoadSecret(peering))  # unchanged
+    lsw.flush()
+    assert rereads(fake) == 1
     lsw.apply(UnloadSecret(peering.secret_id))
-    assert not os.path.exists(path) and fake.commands()[-1] == ["--rereadsecrets"]
+    lsw.flush()
+    assert not os.path.exists(path) and rereads(fake) == 2
+
+
+def test_a_batch_of_many_secrets_costs_pluto_one_reread(fake, lsw):
+    # Each reread makes pluto parse every secrets file: one per tunnel would be O(N^2).
+    for i in range(1, 51):
+        lsw.apply(LoadSecret(peering_of(lsw, row(f"gnv{i}", "geneve", psk="swordfish", local_ip="10.0.0.1",
+                                                 remote_ip=f"10.0.1.{i}"))))
+    lsw.flush()
+    assert rereads(fake) == 1
 
 
 def test_unload_deletes_children_then_the_anchor_and_the_file(fake, lsw, paths):

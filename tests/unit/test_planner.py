@@ -129,3 +129,20 @@ def test_initiator_rule_is_symmetric():
     theirs = validate(desired(row("a", "geneve", local_ip="10.0.0.2", remote_ip="10.0.0.1", psk="x")),
                       CertificateFacts(), 0).tunnels[0]
     assert is_initiator(mine) != is_initiator(theirs)
+
+
+def test_responder_waits_for_its_peer_unless_told_to_take_over():
+    p = only(row("a", "geneve", local_ip="10.0.0.2", remote_ip="10.0.0.1", psk="swordfish"))
+    assert not p.initiator
+    loaded = observed({p.conn_name: frozenset(child for child, _ in p.children)}, [p.secret_id])
+    memory = Memory({p.secret_id: secret_digest(p.psk)}, {})
+    assert plan({p.conn_name: p}, loaded, memory, 0) == ()
+    # Our IKE daemon restarted: the peer's SA is a ghost it has not noticed; we initiate.
+    takeover = Memory(memory.secret_digests, {}, frozenset({p.conn_name}))
+    assert plan({p.conn_name: p}, loaded, takeover, 0) == (Initiate(p.conn_name, p.children[0][0]),)
+
+
+def test_initiations_come_after_every_load_of_the_batch():
+    both, _ = peerings(A, row("c", "gre", local_ip="10.0.0.1", remote_ip="10.0.0.5", psk="swordfish"))
+    kinds = [type(action).__name__ for action in plan(both, observed(), NO_MEMORY, 0)]
+    assert kinds == ["LoadSecret", "LoadConn", "LoadSecret", "LoadConn", "Initiate", "Initiate"]

@@ -20,6 +20,9 @@ class Backend(Protocol):
     def apply(self, action: Action) -> None:
         """Carry out one action; raises BackendError."""
 
+    def flush(self) -> None:
+        """End of a batch of actions: finish what the backend deferred (raises BackendError)."""
+
     def start_events(self, on_change: Callable[[frozenset[str] | None], None]) -> None:
         """Call on_change(conn names) when SAs change, on_change(None) when the daemon restarted."""
 

@@ -32,6 +32,10 @@ log = logging.getLogger("ovs_ipsec.reconciler")
 # Observing a few connections one by one is cheaper than listing all of them; past this many,
 # one full listing wins.
 SCOPED_OBSERVE_LIMIT = 64
+# After our IKE daemon restarted, a responder waits this long for its peer's initiator before it
+# initiates itself: if both daemons restarted, the initiator's SA is up by then and the responder
+# does nothing, so the two never initiate at once (crossing streams).
+TAKEOVER_DELAY = 3.0
 
 
 @dataclass
@@ -84,6 +88,9 @@ class Reconciler:
         self._backoff = Backoff()
         self._errors: dict[str, str] = {}  # conn name -> why its last action failed
         self._progress: dict[str, tuple[bool, int]] = {}
+        self._daemon_id: str | None = None  # the IKE daemon's run, as last observed in full
+        self._takeover_at: dict[str, float] = {}  # responder conn -> when it initiates itself
+        self._takeover: set[str] = set()  # responder conns initiating until an SA is up
         self._last_resync = 0.0
         self._daemon_error: str | None = None
         self.snapshot = StatusSnapshot.empty()
@@ -156,9 +163,9 @@ class Reconciler:
 
     def _sleep_time(self) -> float:
         wake = self._last_resync + self._resync_interval
-        next_retry = self._backoff.next_deadline()
-        if next_retry is not None:
-            wake = min(wake, next_retry)
+        for deadline in (self._backoff.next_deadline(), min(self._takeover_at.values(), default=None)):
+            if deadline is not None:
+                wake = min(wake, deadline)
         return max(0.0, wake - self._clock()) + 0.01
 
     def _pass(self, inbox: _Inbox) -> None:
@@ -169,7 +176,7 @@ class Reconciler:
         if self._desired_state is None:
             return  # nothing read from OVSDB yet: never act on an empty picture
         full = inbox.full_resync or now >= self._last_resync + self._resync_interval
-        dirty = set(self._backoff.due(now)) | inbox.dirty_conns
+        dirty = set(self._backoff.due(now)) | inbox.dirty_conns | self._takeovers_due(now)
         guard_changed = False
         invalid_before = self._validated.invalid
         if inbox.desired is not None or full:
@@ -191,7 +198,7 @@ class Reconciler:
             self._last_resync = self._last_full_resync = now
             dirty = set(self._peerings) | set(self._observed.conns) | set(self._observed.shared_secrets)
         self._note_progress(dirty)
-        memory = Memory(self._secret_digests, self._backoff.not_before)
+        memory = Memory(self._secret_digests, self._backoff.not_before, frozenset(self._takeover))
         self._apply(plan(self._peerings, self._observed, memory, now, scope=dirty), now)
         if full:
             self._backend.cleanup_credentials({p.tunnels[0].local_key_pem for p in self._peerings.values()
@@ -264,6 +271,7 @@ class Reconciler:
         if scope is None:
             fresh = self._backend.observe(None)
             self._conns, self._secrets, self._sas = dict(fresh.conns), set(fresh.shared_secrets), dict(fresh.sas)
+            self._daemon_restarted(fresh.daemon_id, self._clock())
         else:
             scope = set(scope)
             fresh = self._backend.observe(scope)
@@ -281,6 +289,24 @@ class Reconciler:
             # one-tunnel change would cost O(N); a full resync reads them again.
         self._observed = ObservedState(self._conns, self._secrets, self._sas)
 
+    def _daemon_restarted(self, daemon_id: str | None, now: float) -> None:
+        """A full look found a new run of the IKE daemon: every SA it had is gone, and the peers of
+        responder connections do not know (see TAKEOVER_DELAY)."""
+        known, self._daemon_id = self._daemon_id, daemon_id
+        if known is None or daemon_id is None or daemon_id == known:
+            return
+        responders = [name for name, peering in self._peerings.items() if not peering.initiator]
+        log.info("the IKE daemon restarted; %d responder connection(s) initiate in %g s unless their peer "
+                 "does first", len(responders), TAKEOVER_DELAY)
+        self._takeover_at.update((name, now + TAKEOVER_DELAY) for name in responders)
+
+    def _takeovers_due(self, now: float) -> set[str]:
+        due = {name for name, deadline in self._takeover_at.items() if deadline <= now}
+        for name in due:
+            del self._takeover_at[name]
+        self._takeover |= due
+        return due
+
     def _note_progress(self, conn_names: Iterable[str]) -> None:
         """An SA that came up since the last look cancels the connection's initiation backoff,
         and the error of a failed initiation: the SA it asked for is there after all."""
@@ -290,6 +316,9 @@ class Reconciler:
             if progress > self._progress.get(name, (False, 0)):
                 self._backoff.reset(name)
                 self._errors.pop(name, None)
+            if up or name not in self._peerings:
+                self._takeover.discard(name)
+                self._takeover_at.pop(name, None)
             if name in self._peerings:
                 self._progress[name] = progress
             else:
@@ -315,6 +344,13 @@ class Reconciler:
                     return
                 continue
             self._record(action, now)
+        try:
+            self._backend.flush()
+        except BackendError as exc:
+            log.warning("IKE daemon: %s", exc)
+            if exc.transport:
+                self._daemon_unreachable(exc, now)
+                return
         for name in touched - failed:
             self._errors.pop(name, None)
         if actions:
@@ -383,6 +419,7 @@ class Reconciler:
         try:
             for action in plan({}, self._backend.observe(None), Memory({}, {}), self._clock()):
                 self._backend.apply(action)
+            self._backend.flush()
             self._backend.cleanup_credentials(())
             log.info("removed every connection and secret this daemon created")
         except BackendError as exc:

@@ -66,7 +66,9 @@ class LibreSwanBackend:
         self._loaded: dict[str, set[str]] | None = None  # peering -> pluto connections, as seen or made
         self._owners: set[str] = set()  # pluto connections that own an IKE SA, as last seen
         self._ike: dict[str, bool] = {}  # peering -> has an IKE SA (True: established)
-        self._secrets_fresh = False  # pluto has read our secret files since it (or we) started
+        # pluto has read our secret files as they are now. Reading them again costs pluto all N
+        # files, so a batch only marks them stale and flush() (or an initiation) rereads once.
+        self._secrets_fresh = False
         self._nss_dirty = True
         self._main_files_checked = False
         self._stop = threading.Event()
@@ -147,7 +149,7 @@ class LibreSwanBackend:
                     self._loaded.setdefault(parts[0], set()).add(name)
             self._ike = {peering: any(sa.established for sa in sas) for peering, sas in observed.sas.items()}
         if conn_names is None:
-            return observed
+            return replace(observed, daemon_id=self._daemon_id())
         scope = set(conn_names)
         return ObservedState(conns={k: v for k, v in observed.conns.items() if k in scope},
                              shared_secrets=observed.shared_secrets,
@@ -163,12 +165,11 @@ class LibreSwanBackend:
                 text = render.secrets_file(action.peering)
             except ValueError as exc:
                 raise BackendError(f"cannot describe {action.peering.conn_name} to pluto: {exc}") from exc
-            changed = self._files.write(action.peering.secret_id, ".secrets", text, secret=True)
-            if changed or not self._secrets_fresh:
-                self._reread_secrets()
+            if self._files.write(action.peering.secret_id, ".secrets", text, secret=True):
+                self._secrets_fresh = False
         elif isinstance(action, UnloadSecret):
             if self._files.remove(action.secret_id, ".secrets"):
-                self._reread_secrets()
+                self._secrets_fresh = False
         elif isinstance(action, LoadConn):
             self._load(action.peering)
         elif isinstance(action, UnloadConn):
@@ -191,8 +192,6 @@ class LibreSwanBackend:
         first = peering.tunnels[0]
         if first.auth is not AuthMethod.PSK:
             self._install_certificates(peering)
-        elif not self._secrets_fresh:
-            self._reread_secrets()
         try:
             text = render.conn_file(peering, self._style)
         except ValueError as exc:
@@ -239,7 +238,12 @@ class LibreSwanBackend:
             self._nss_dirty = True
             self.cleanup_credentials(())
 
+    def flush(self) -> None:
+        if not self._secrets_fresh:
+            self._reread_secrets()
+
     def _initiate(self, peering_name: str, child: str) -> None:
+        self.flush()  # IKE_AUTH needs the PSK
         with self._lock:
             has_ike = peering_name in self._ike
             anchor_loaded = render.anchor_name(peering_name) in (self._loaded or {}).get(peering_name, ())
@@ -329,6 +333,14 @@ class LibreSwanBackend:
             prints = fresh
             if changed:
                 on_change(frozenset(changed))
+
+    def _daemon_id(self) -> str | None:
+        """pluto's pid and its control socket's inode: a restarted pluto has new ones."""
+        try:
+            inode = os.stat(self.paths.ctl).st_ino
+        except OSError:
+            return None
+        return f"{_read_pid(self.paths.pidfile)}:{inode}"
 
     def forget_daemon_state(self) -> None:
         """A restarted pluto may not have our secrets, nor the connections we loaded."""

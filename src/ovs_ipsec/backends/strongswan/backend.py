@@ -75,6 +75,8 @@ class StrongSwanBackend:
             secrets = parse.owned_secrets(self._call("get-shared", lambda s: s.get_shared()))
             conns = self._call("list-conns", lambda s: parse.owned_conns(s.list_conns()))
             sas = self._call("list-sas", lambda s: parse.ike_sas(s.list_sas()))
+            daemon_id = parse.started_at(self._call("stats", lambda s: s.stats()))
+            return ObservedState(conns=conns, shared_secrets=secrets, sas=sas, daemon_id=daemon_id)
         else:
             secrets = frozenset()  # a scoped look leaves secrets to the caller's cache
             conns, sas = {}, {}
@@ -83,6 +85,9 @@ class StrongSwanBackend:
                                                           lambda s, n=name: list(s.list_conns({"ike": n})))))
                 sas.update(parse.ike_sas(self._call(f"list-sas {name}", lambda s, n=name: list(s.list_sas({"ike": n})))))
         return ObservedState(conns=conns, shared_secrets=secrets, sas=sas)
+
+    def flush(self) -> None:
+        """Nothing is deferred: every VICI call takes effect at once."""
 
     def apply(self, action: Action) -> None:
         if isinstance(action, LoadSecret):
