@@ -5,7 +5,6 @@ Another daemon is one more class with the same members, registered in BACKENDS.
 """
 
 import signal
-import subprocess
 from pathlib import Path
 
 from hosts import Host
@@ -55,14 +54,32 @@ swanctl {{
 """
 
 
-class StrongSwan:
+class _Daemon:
+    """One daemon process per host, started in the host's namespace with a private /run (`ip netns
+    exec` runs in a private mount namespace, so a tmpfs there is the daemon's alone: two hosts'
+    daemons never share a pidfile or default socket) and stopped by pid."""
+
+    def __init__(self):
+        self.procs = {}
+
+    def _spawn(self, host: Host, command: str, ready: Path, log: str, env: dict = None) -> None:
+        self.procs[host.name] = host.sh.spawn(["sh", "-c", f"mount -t tmpfs lab-run /run && {command}"],
+                                              netns=host.name, env=env, log=host.dir / log)
+        if not wait_for(ready.exists, timeout=30):
+            raise RuntimeError(f"{host.name}: {self.name} did not open {ready} (see {log})")
+
+    def stop(self, host: Host) -> None:
+        proc = self.procs.pop(host.name, None)
+        if proc:
+            stop_pid(proc.pid, signal.SIGTERM)   # SIGKILL after its grace period
+            proc.wait(timeout=5)
+
+
+class StrongSwan(_Daemon):
     """charon-systemd with a private strongswan.conf and VICI socket per host."""
 
     name = "strongswan"
     logs = ("strongswan.conf", "charon.log", "charon.out")
-
-    def __init__(self):
-        self.procs = {}
 
     def vici(self, host: Host) -> Path:
         return host.dir / "charon.vici"
@@ -70,19 +87,8 @@ class StrongSwan:
     def start(self, host: Host) -> None:
         conf = host.dir / "strongswan.conf"
         conf.write_text(STRONGSWAN_CONF.format(name=host.name, dir=host.dir, plugins=CHARON_PLUGINS))
-        # `ip netns exec` runs in a private mount namespace; a tmpfs on /run there gives each
-        # charon its own /run (pidfile, default sockets), so two charons never collide.
-        self.procs[host.name] = host.sh.spawn(
-            ["sh", "-c", "mount -t tmpfs lab-run /run && exec /usr/sbin/charon-systemd"],
-            netns=host.name, env={"STRONGSWAN_CONF": str(conf)}, log=host.dir / "charon.out")
-        if not wait_for(self.vici(host).exists, timeout=30):
-            raise RuntimeError(f"{host.name}: charon did not open {self.vici(host)} (see charon.out)")
-
-    def stop(self, host: Host) -> None:
-        proc = self.procs.pop(host.name, None)
-        if proc:
-            stop_pid(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
+        self._spawn(host, "exec /usr/sbin/charon-systemd", self.vici(host), "charon.out",
+                    env={"STRONGSWAN_CONF": str(conf)})
 
     def monitor_args(self, host: Host) -> list:
         return ["--ike-daemon", "strongswan", "--vici-uri", f"unix://{self.vici(host)}"]
@@ -99,7 +105,7 @@ include {root}/etc/ipsec.d/*.conf
 """
 
 
-class LibreSwan:
+class LibreSwan(_Daemon):
     """pluto with a private root per host (configuration, NSS database, control socket).
 
     The base image has LibreSwan unpacked at its compiled-in paths (labhost/image.py), so pluto
@@ -108,9 +114,6 @@ class LibreSwan:
 
     name = "libreswan"
     logs = ("pluto.log", "pluto.out")
-
-    def __init__(self):
-        self.procs = {}
 
     def root(self, host: Host) -> Path:
         return host.dir / "libreswan"
@@ -128,23 +131,9 @@ class LibreSwan:
         conf, secrets = root / "etc/ipsec.conf", root / "etc/ipsec.secrets"
         conf.write_text(IPSEC_CONF.format(name=host.name, root=root))
         secrets.write_text(f"include {root}/etc/ipsec.d/*.secrets\n")
-        # As for charon: a private /run, so the two plutos never share a default path.
-        self.procs[host.name] = host.sh.spawn(
-            ["sh", "-c", "mount -t tmpfs lab-run /run && mkdir -p /run/pluto && exec /usr/libexec/ipsec/pluto"
-             f" --nofork --config {conf} --secretsfile {secrets} --nssdir {root}/nss --rundir {root}/run"
-             f" --ipsecdir {root}/etc/ipsec.d --logfile {host.dir}/pluto.log"],
-            netns=host.name, log=host.dir / "pluto.out")
-        if not wait_for(self.ctl(host).exists, timeout=30):
-            raise RuntimeError(f"{host.name}: pluto did not open {self.ctl(host)} (see pluto.out)")
-
-    def stop(self, host: Host) -> None:
-        proc = self.procs.pop(host.name, None)
-        if proc:
-            stop_pid(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        self._spawn(host, f"mkdir -p /run/pluto && exec /usr/libexec/ipsec/pluto --nofork --config {conf}"
+                    f" --secretsfile {secrets} --nssdir {root}/nss --rundir {root}/run"
+                    f" --ipsecdir {root}/etc/ipsec.d --logfile {host.dir}/pluto.log", self.ctl(host), "pluto.out")
 
     def monitor_args(self, host: Host) -> list:
         return ["--ike-daemon", "libreswan", "--root-prefix", self.root(host), "--ipsec-conf", "/etc/ipsec.conf",

@@ -188,6 +188,7 @@ def test_monitor_restart_without_change_touches_nothing_in_the_daemon(hosts, swa
     a.appctl("refresh")
     assert (swan.ike_sa_ids(a), swan.conns(a), swan.secrets(a)) == before
     assert "LoadConn" not in a.log_text()[log_before:]  # the pass summary names every action kind
+    assert "IKE daemon restarted" not in a.log_text()  # the same daemon all along: no takeover
 
 
 @pytest.mark.parametrize("side", ["initiator", "responder"])

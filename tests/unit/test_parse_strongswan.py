@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from ovs_ipsec.backends.strongswan import parse
+from ovs_ipsec.backends.strongswan.backend import _peer_process
 
 # list-sas event for an IKE SA whose first CHILD_SA was installed (the shape charon 5.9.8 sends).
 LIST_SA_EVENT = {
@@ -43,3 +47,13 @@ def test_owned_conns_and_secrets_filter_by_prefix():
 
 def test_event_conn_names():
     assert parse.event_conn_names(_decoded(LIST_SA_EVENT)) == frozenset({"ovsipsec-gnv0-383e5afe2b"})
+
+
+def test_the_daemon_at_the_other_end_of_the_socket_is_named_by_pid_and_start_time():
+    # A restart is detected by this id changing: it must be stable for one process (charon's own
+    # `stats` uptime.since is not: it is recomputed from the clock and jitters by a second).
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        first = _peer_process(ours)
+        assert first == _peer_process(ours) and first.startswith(f"{os.getpid()}@")
+        assert "?" not in first

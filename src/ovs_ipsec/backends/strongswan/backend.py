@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable, Collection
 
@@ -35,6 +36,7 @@ class StrongSwanBackend:
         self._path = socket_path(vici_uri)
         self._timeout = timeout
         self._session: vici.Session | None = None
+        self._daemon_id: str | None = None  # the charon process at the other end of the session
         self._loaded_keys: dict[str, str] = {}  # sha256 of key PEM -> charon key id
         self._stop = threading.Event()
         self._event_socket: socket.socket | None = None
@@ -50,6 +52,7 @@ class StrongSwanBackend:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(self._timeout)
                 sock.connect(self._path)
+                self._daemon_id = _peer_process(sock)
                 self._session = vici.Session(sock)
             return func(self._session)
         except vici.exception.CommandException as exc:
@@ -75,8 +78,7 @@ class StrongSwanBackend:
             secrets = parse.owned_secrets(self._call("get-shared", lambda s: s.get_shared()))
             conns = self._call("list-conns", lambda s: parse.owned_conns(s.list_conns()))
             sas = self._call("list-sas", lambda s: parse.ike_sas(s.list_sas()))
-            daemon_id = parse.started_at(self._call("stats", lambda s: s.stats()))
-            return ObservedState(conns=conns, shared_secrets=secrets, sas=sas, daemon_id=daemon_id)
+            return ObservedState(conns=conns, shared_secrets=secrets, sas=sas, daemon_id=self._daemon_id)
         else:
             secrets = frozenset()  # a scoped look leaves secrets to the caller's cache
             conns, sas = {}, {}
@@ -191,3 +193,21 @@ def _drain(stream) -> None:
     """VICI's streamed commands do nothing until iterated."""
     for _ in stream:
         pass
+
+
+def _peer_process(sock: socket.socket) -> str | None:
+    """Which charon answers on the socket: its pid (SO_PEERCRED) and that process's start time, so a
+    restarted charon, even one given the same pid, is told apart. (VICI's own `stats` uptime.since is
+    computed from the current time and jitters by a second between two calls.)"""
+    try:
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    except OSError:
+        return None
+    if pid <= 0:
+        return None  # charon in a pid namespace we cannot see
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"{pid}@{started}"

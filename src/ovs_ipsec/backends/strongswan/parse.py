@@ -12,11 +12,6 @@ def text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def started_at(stats: Mapping) -> str | None:
-    """When charon started (`stats` uptime.since, to the second): tells one run from the next."""
-    return text(stats.get("uptime", {}).get("since", b"")) or None
-
-
 def owned_secrets(reply: Mapping) -> frozenset[str]:
     """Our shared secret ids from a get-shared reply ({"keys": [...]})."""
     names = (text(name) for name in reply.get("keys", ()))
