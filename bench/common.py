@@ -1,5 +1,5 @@
-"""What every benchmark cell shares: the OVSDB writer, the kernel SPD counter, process meters, the
-idle detector and small VICI helpers.
+"""What every benchmark cell shares: the OVSDB writer, the kernel SPD counter, pluto's connection
+count, process meters, the idle detector and small VICI and whack helpers.
 
 Everything here observes from outside: nothing is injected into the daemons being measured.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -172,6 +173,68 @@ class SpdCounter:
         self._sock.close()
 
 
+# -- pluto: how many connections it holds, from its log ----------------------------------------
+
+class PlutoConns:
+    """The pluto connections whose name starts with prefix, as pluto's own log tells them: each
+    `"NAME": added IKEv2 connection` adds one, each `"NAME": terminating SAs using this connection`
+    (what `whack --delete` logs, SAs or not) removes it.
+
+    The SPD is no signal for pluto here: ours adds responder connections (auto=add) and upstream
+    adds and initiates them (`ipsec auto --start`), so neither installs a policy while loading.
+    Asking pluto (`whack --status`) would cost it a full listing per poll; the log costs it nothing
+    and reading what was appended since the last poll costs microseconds.
+    """
+
+    _EVENT = re.compile(r'"(?P<name>[^"]+)"(?:\[\d+\])?: (?P<what>added IKEv2 connection|'
+                        r'terminating SAs using this connection)$')
+
+    def __init__(self, path: Path, prefix: str, offset: int = 0) -> None:
+        self._path, self._prefix, self._offset = path, prefix, offset
+        self._partial = b""
+        self.names: set[str] = set()
+
+    def count(self) -> int:
+        try:
+            with open(self._path, "rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return len(self.names)
+        self._offset += len(chunk)
+        *complete, self._partial = (self._partial + chunk).split(b"\n")
+        for raw in complete:
+            match = self._EVENT.search(raw.decode(errors="replace"))
+            if match and match["name"].startswith(self._prefix):
+                if match["what"].startswith("added"):
+                    self.names.add(match["name"])
+                else:
+                    self.names.discard(match["name"])
+        return len(self.names)
+
+
+def pluto_conn_tunnel(name: str) -> str:
+    """The tunnel a pluto connection is for: ours are <peering>_gnv1-in-<digest>, upstream's gnv1-in-1."""
+    return name.rsplit("_", 1)[-1].rsplit("-", 2)[0]
+
+
+def pluto_tunnels(status: str, prefix: str) -> dict:
+    """What `whack --status` says pluto holds of one implementation's connections: how many, how
+    many are tunnel children (ours also adds one anchor per peering, `<peering>_ike`), for how many
+    distinct tunnels, how many are routed (trap policies), and pluto's IKE SA totals."""
+    from ovs_ipsec.backends.libreswan import parse
+
+    names = {name for name in parse.loaded_conns(status) if name.startswith(prefix)}
+    anchors = {name for name in names if name.endswith("_ike")}
+    tunnels = {pluto_conn_tunnel(name) for name in names - anchors}
+    unrouted = sum(1 for line in parse.lines(status)
+                   if "; unrouted;" in line and (line[1:].split('"', 1)[0] in names))
+    ike = re.search(r"IKE SAs: total\((\d+)\), half-open\((\d+)\)", status)
+    return {"pluto_conns": len(names), "children": len(names - anchors), "anchors": len(anchors),
+            "tunnels": len(tunnels), "routed": len(names) - unrouted,
+            "ike_sas": int(ike[1]) if ike else None, "ike_sas_half_open": int(ike[2]) if ike else None}
+
+
 # -- process meters --------------------------------------------------------------------------
 
 def cpu_ticks(pid: int) -> tuple[float, float]:
@@ -274,12 +337,13 @@ class WatchResult:
 
 
 def watch(meter: Meter | None, target, *, limit: float, quiet: float, interval: float,
-          start: float | None = None) -> WatchResult:
+          start: float | None = None, give_up_quiet: float | None = None) -> WatchResult:
     """Poll until `target()` is true and the process has then been quiet for `quiet` seconds.
 
     A sample counts as busy when the process used more than a quarter of the sample's length on
     CPU or has a live child. `target` is checked every sample until it holds; `meter` may be None
-    (nothing to wait for but the target).
+    (nothing to wait for but the target). With give_up_quiet, a process quiet that long while the
+    target still does not hold ends the watch early (reached_at None, idle_at set).
     """
     start = start or time.time()
     reached = None
@@ -306,6 +370,9 @@ def watch(meter: Meter | None, target, *, limit: float, quiet: float, interval: 
         if reached is not None and (meter is None or now - quiet_since >= quiet):
             end_ns = idle_ns if idle_ns is not None else previous
             return WatchResult(reached, quiet_since if meter else reached, (end_ns - first_ns) / 1e9, samples)
+        if reached is None and meter is not None and give_up_quiet and now - quiet_since >= give_up_quiet:
+            end_ns = idle_ns if idle_ns is not None else previous
+            return WatchResult(None, quiet_since, (end_ns - first_ns) / 1e9, samples)
         if now - start > limit:
             return WatchResult(reached, None, ((meter.ns() if meter else 0) - first_ns) / 1e9, samples)
         time.sleep(interval)

@@ -6,6 +6,11 @@ Geneve PSK tunnels in one OVSDB transaction (the floor loads the same connection
 Each tunnel has its own remote address, so each is its own peering; ours is the responder (its
 address is the higher one), so nothing initiates and no packet leaves the namespace.
 
+LibreSwan (N = 100, 1000 by default): the same load cells on a host of their own, ours and
+upstream each driving a fresh pluto (LibreSwan 4.10, extracted by scripts/setup-libreswan.sh).
+Upstream's `ipsec auto --start` initiates every tunnel, so its pluto does send IKE_SA_INITs, to
+remotes that never answer, inside the namespace.
+
 Establishment (N = 100, 1000 by default): two hosts, A with one address and B with N aliases;
 tunnel i joins A to B's i-th address. Both sides run the same implementation; B is configured and
 loaded first, then the clock starts at A's commit and stops when A's charon has N IKE SAs up.
@@ -25,17 +30,19 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    Meter, Ovsdb, SpdCounter, charon_children, cpu_ticks, established_sas, ike_sa_counts, log, memory_kb,
-    remote_ip, system_jiffies, vici_session, wait_quiet, watch,
+    Meter, Ovsdb, PlutoConns, SpdCounter, charon_children, cpu_ticks, established_sas, ike_sa_counts, log,
+    memory_kb, pluto_conn_tunnel, pluto_tunnels, remote_ip, system_jiffies, vici_session, wait_quiet, watch,
 )
-from upstream import Upstream  # noqa: E402
+from upstream import Upstream, UpstreamLibreswan  # noqa: E402
 
-from ovs_ipsec.sandbox import Sandbox  # noqa: E402
+from ovs_ipsec.sandbox import LIBRESWAN_ROOT, Sandbox  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKDIR = Path("/tmp/oib")  # short: unix socket paths are limited to 107 bytes
@@ -57,6 +64,11 @@ CHARON_CONF = """threads = 16
   plugins { kernel-netlink { receive_buffer_size = 8388608
                              force_receive_buffer_size = yes } }"""
 IMPLS = ("floor", "ours", "upstream")
+IKES = ("strongswan", "libreswan")
+# On pluto, a monitor quiet this long after a one-tunnel change, without the change showing, has
+# given up on it: neither has a timer that would finish it later.
+STEP_GIVE_UP_QUIET = 5.0
+DAEMON = {"strongswan": "charon", "libreswan": "pluto"}
 
 
 def est_b_ip(index: int) -> str:
@@ -70,17 +82,38 @@ def ip(netns: str, *args: str, batch: str | None = None) -> None:
 
 # -- one implementation on one host ------------------------------------------------------------
 
+@dataclass
+class Gauge:
+    """What "loaded" counts, and how much of it one tunnel makes."""
+
+    count: Callable[[], int]
+    per_tunnel: int
+    unit: str  # for the logs and the cut-off notes
+    names: set[str] | None = None  # pluto: the connections counted
+
+
 class Driver:
-    """Start, drive and stop one implementation; the cell code measures it from outside."""
+    """Start, drive and stop one implementation on a host, with the IKE daemon the host was made
+    for (host.ike_daemon); the cell code measures it from outside."""
 
     impl = ""
-    prefix = ""  # connection names this implementation loads into charon
+    prefix = ""  # connection names this implementation loads into charon or pluto
     children_mon = False  # count the CPU of waited-for children (upstream spawns `ipsec ...`)
     quiet = 0.5  # seconds without CPU use that count as idle again
+    pluto_conns_per_tunnel = 2  # a Geneve tunnel's in and out connections
 
     def __init__(self, host, charon_conf: str) -> None:
         self.host = host
         self.charon_conf = charon_conf
+        self.pluto_log_start = 0  # where this cell's pluto starts writing in the host's pluto.log
+
+    @property
+    def ike(self) -> str:
+        return self.host.ike_daemon
+
+    @property
+    def daemon(self) -> str:
+        return DAEMON[self.ike]
 
     @property
     def pid(self) -> int:
@@ -93,14 +126,41 @@ class Driver:
     def meter(self) -> Meter:
         return Meter(self.pid, self.children_mon)
 
-    def charon_pid(self) -> int:
-        return self.host.charon_pid
+    def ike_pid(self) -> int:
+        return self.host.pluto_pid if self.ike == "libreswan" else self.host.charon_pid
 
     def started(self) -> bool:
         try:
-            return bool(self.pid and self.charon_pid())
+            return bool(self.pid and self.ike_pid())
         except Exception:
             return False
+
+    def start_ike_daemon(self) -> None:
+        """A fresh charon, or a fresh pluto with a root of its own: the files an earlier cell left in
+        ipsec.d would be loaded by pluto's start-up (its addconn --autoall)."""
+        if self.ike == "strongswan":
+            self.host.start_charon()
+            return
+        pluto_log = self.host.workdir / "pluto.log"
+        self.pluto_log_start = pluto_log.stat().st_size if pluto_log.exists() else 0
+        shutil.rmtree(self.host.lsw_root, ignore_errors=True)
+        self.host.start_pluto()
+
+    def gauge(self, spd: SpdCounter) -> Gauge:
+        """charon: its trap policies in the SPD (one OUT policy per child). pluto: its connections,
+        from its log (see PlutoConns: neither implementation routes anything there)."""
+        if self.ike == "strongswan":
+            return Gauge(spd.out, 2, "trap policies")
+        conns = PlutoConns(self.host.workdir / "pluto.log", self.prefix, self.pluto_log_start)
+        return Gauge(conns.count, self.pluto_conns_per_tunnel, "pluto connections", conns.names)
+
+    def verify(self) -> dict:
+        """What the IKE daemon itself lists (asked once, after the measurement): charon over VICI,
+        pluto with `whack --status`."""
+        if self.ike == "strongswan":
+            conns, children = charon_children(self.vici_path, self.prefix)
+            return {"conns": conns, "children": children}
+        return pluto_tunnels(self.host.whack("--status"), self.prefix)
 
     def start(self) -> None:
         raise NotImplementedError
@@ -111,6 +171,13 @@ class Driver:
 
 class Ours(Driver):
     impl, prefix = "ours", "ovsipsec-"
+    # Each tunnel here is a peering of its own: its two children plus the peering's anchor.
+    pluto_conns_per_tunnel = 3
+
+    def __init__(self, host, charon_conf: str) -> None:
+        super().__init__(host, charon_conf)
+        # pluto is driven through `ipsec addconn|whack`: that work is in the waited-for children.
+        self.children_mon = self.ike == "libreswan"
 
     @property
     def pid(self) -> int:
@@ -119,7 +186,7 @@ class Ours(Driver):
     extra_flags: tuple[str, ...] = ()  # --ours-flags, for experiments
 
     def start(self) -> None:
-        self.host.start_charon()
+        self.start_ike_daemon()
         self.host.start_monitor(*self.extra_flags)
 
     def stop(self) -> None:
@@ -128,7 +195,7 @@ class Ours(Driver):
         except Exception as exc:  # keep tearing down
             log(f"  ours: clean exit failed ({exc}); killing it")
             self.host.stop_monitor(hard=True)
-        self.host.stop_charon()
+        self.host.stop_ike_daemon()
 
     def refresh(self) -> float:
         started = time.time()
@@ -141,7 +208,8 @@ class Upstreams(Driver):
 
     def __init__(self, host, charon_conf: str) -> None:
         super().__init__(host, charon_conf)
-        self.up = Upstream(host, charon_conf)
+        # strongSwan: its own `ipsec restart` starts its charon. LibreSwan: the host's pluto.
+        self.up = Upstream(host, charon_conf) if self.ike == "strongswan" else UpstreamLibreswan(host)
 
     @property
     def pid(self) -> int:
@@ -151,14 +219,20 @@ class Upstreams(Driver):
     def vici_path(self) -> str:
         return self.up.vici_path
 
-    def charon_pid(self) -> int:
-        return self.up.charon_pid
+    def ike_pid(self) -> int:
+        return self.up.charon_pid if self.ike == "strongswan" else self.host.pluto_pid
 
     def start(self) -> None:
+        if self.ike == "libreswan":
+            self.start_ike_daemon()
         self.up.start()
 
     def stop(self) -> None:
-        self.up.stop()
+        try:
+            self.up.stop()
+        finally:
+            if self.ike == "libreswan":
+                self.host.stop_pluto()
 
 
 class Floor(Driver):
@@ -203,19 +277,26 @@ class Floor(Driver):
 
 # -- load cells --------------------------------------------------------------------------------
 
+def empty_row(n: int, ike: str, impl: str) -> dict:
+    return {"n": n, "ike": ike, "impl": impl, "load_s": None, "add_one_s": None, "del_one_s": None,
+            "cpu_s": None, "rss_mb": None, "idle_cpu_pct": None, "establish_s": None}
+
+
 def load_cell(driver: Driver, n: int, ovsdb: Ovsdb, spd: SpdCounter, args) -> tuple[dict, dict]:
-    impl = driver.impl
+    impl, daemon = driver.impl, driver.daemon
     limit = args.upstream_limit if impl == "upstream" else args.limit
-    row = {"n": n, "impl": impl, "load_s": None, "add_one_s": None, "del_one_s": None, "cpu_s": None,
-           "rss_mb": None, "idle_cpu_pct": None, "establish_s": None}
-    detail: dict = {"n": n, "impl": impl}
+    row = empty_row(n, driver.ike, impl)
+    detail: dict = {"n": n, "ike": driver.ike, "impl": impl}
     try:
         driver.start()
         meter = driver.meter()
         wait_quiet(meter, quiet=2.0 if impl == "upstream" else 1.0, limit=120)
-        base = spd.out()
-        charon0 = cpu_ticks(driver.charon_pid())[0]
+        gauge = driver.gauge(spd)
+        per = gauge.per_tunnel
+        base = gauge.count()
+        daemon0 = cpu_ticks(driver.ike_pid())[0]
         ticks0 = meter.ticks()
+        own0, children0 = cpu_ticks(driver.pid)
         detail["loadavg_1min_before"] = float(Path("/proc/loadavg").read_text().split()[0])
         system0 = system_jiffies()
         tunnels = [(f"gnv{i}", LOAD_LOCAL, remote_ip(i, LOAD_REMOTES)) for i in range(1, n + 1)]
@@ -223,7 +304,7 @@ def load_cell(driver: Driver, n: int, ovsdb: Ovsdb, spd: SpdCounter, args) -> tu
         # -- bulk: N tunnels in one transaction -----------------------------------------------
         if isinstance(driver, Floor):
             driver.send(f"load 1 {n}")
-            result = watch(meter, lambda: spd.out() >= base + 2 * n, limit=limit, quiet=driver.quiet,
+            result = watch(meter, lambda: gauge.count() >= base + per * n, limit=limit, quiet=driver.quiet,
                            interval=0.005)
             t_ref, done, client_cpu = driver.reply()
             detail["floor_loop_s"] = round(done - t_ref, 4)
@@ -233,26 +314,29 @@ def load_cell(driver: Driver, n: int, ovsdb: Ovsdb, spd: SpdCounter, args) -> tu
             sent, t_ref = ovsdb.add_tunnels(tunnels)
             detail["ovsdb_transaction_s"] = round(t_ref - sent, 4)
             detail["bulk_commit_wall"] = round(t_ref, 4)  # to line up with the daemons' logs
-            result = watch(meter, lambda: spd.out() >= base + 2 * n, limit=limit, quiet=driver.quiet,
+            result = watch(meter, lambda: gauge.count() >= base + per * n, limit=limit, quiet=driver.quiet,
                            interval=0.005, start=t_ref)
-        loaded = (spd.out() - base) // 2
+        counted = gauge.count() - base
         system1 = system_jiffies()
         detail["machine_busy_pct_during_bulk"] = round(100 * (system1[0] - system0[0]) / max(1, system1[1] - system0[1]), 1)
         row["cpu_s"] = round(meter.ticks() - ticks0, 3)
+        own1, children1 = cpu_ticks(driver.pid)
+        # the monitor's own work vs the `ipsec ...` commands it ran (counted in cpu_s when children_mon)
+        detail["bulk_cpu_split_s"] = {"own": round(own1 - own0, 3), "children": round(children1 - children0, 3)}
         detail["bulk_cpu_precise_s"] = round(result.cpu_s, 4)
-        detail["charon_cpu_bulk_s"] = round(cpu_ticks(driver.charon_pid())[0] - charon0, 3)
+        detail[f"{daemon}_cpu_bulk_s"] = round(cpu_ticks(driver.ike_pid())[0] - daemon0, 3)
         detail["rss_after_bulk_mb"] = round(memory_kb(driver.pid).get("VmHWM", 0) / 1024, 1)
         row["rss_mb"] = detail["rss_after_bulk_mb"]
         if result.reached_at is None:
-            detail["cut_off"] = f"not loaded after {limit:g} s: {loaded} of {n} tunnels in charon"
-            log(f"  {impl} N={n}: CUT OFF after {limit:g} s ({loaded}/{n} loaded)")
+            detail["cut_off"] = (f"not loaded after {limit:g} s: {counted // per} of {n} tunnels in {daemon} "
+                                 f"({counted} of {per * n} {gauge.unit})")
+            log(f"  {impl} N={n} ({driver.ike}): CUT OFF after {limit:g} s ({counted}/{per * n} {gauge.unit})")
             return row, detail
         row["load_s"] = round(result.reached_at - t_ref, 3)
         detail["bulk_idle_again_s"] = round(result.idle_at - t_ref, 3) if result.idle_at else None
-        conns, children = charon_children(driver.vici_path, driver.prefix)
-        detail["verified_after_bulk"] = {"conns": conns, "children": children, "spd_out": spd.out() - base}
-        log(f"  {impl} N={n}: loaded in {row['load_s']} s (idle again {detail['bulk_idle_again_s']} s, "
-            f"cpu {row['cpu_s']} s); charon lists {conns} conns / {children} children")
+        detail["verified_after_bulk"] = {**driver.verify(), f"counted_{gauge.unit.replace(' ', '_')}": counted}
+        log(f"  {impl} N={n} ({driver.ike}): loaded in {row['load_s']} s (idle again {detail['bulk_idle_again_s']} s, "
+            f"cpu {row['cpu_s']} s); {daemon} lists {detail['verified_after_bulk']}")
 
         # -- a full resync (ours does one every 60 s): measured now, which also restarts its 60 s
         # timer, so the changes and the idle window below never meet a periodic one by chance.
@@ -267,8 +351,8 @@ def load_cell(driver: Driver, n: int, ovsdb: Ovsdb, spd: SpdCounter, args) -> tu
         step_limit = args.upstream_step_limit if impl == "upstream" else args.limit
         k = n + 1
         for step, key in (("add", "add_one_s"), ("del", "del_one_s")):
-            before = spd.out()
-            target = (lambda: spd.out() >= before + 2) if step == "add" else (lambda: spd.out() <= before - 2)
+            before = gauge.count()
+            target = (lambda: gauge.count() >= before + per) if step == "add" else (lambda: gauge.count() <= before - per)
             ticks_before = meter.ticks()
             if isinstance(driver, Floor):
                 driver.send(f"add {k}" if step == "add" else "del 1")
@@ -281,70 +365,83 @@ def load_cell(driver: Driver, n: int, ovsdb: Ovsdb, spd: SpdCounter, args) -> tu
                 else:
                     uuid = ovsdb.port_uuid("gnv1")
                     _, t_ref = ovsdb.delete_port(uuid)
-                res = watch(meter, target, limit=step_limit, quiet=driver.quiet, interval=0.001, start=t_ref)
+                # Both drive pluto with synchronous commands, so a monitor that has gone quiet there
+                # without the change showing will not show it (upstream deletes only the connection
+                # that has a state line). charon's starter works on after upstream's `ipsec update`.
+                res = watch(meter, target, limit=step_limit, quiet=driver.quiet, interval=0.001, start=t_ref,
+                            give_up_quiet=STEP_GIVE_UP_QUIET if driver.ike == "libreswan" else None)
             info = {"visible_s": round(res.reached_at - t_ref, 4) if res.reached_at else None,
                     "idle_again_s": round(res.idle_at - t_ref, 4) if res.idle_at else None,
                     "cpu_s": round(res.cpu_s, 4), "cpu_ticks_s": round(meter.ticks() - ticks_before, 3)}
-            if res.reached_at is None or (res.idle_at is None and not isinstance(driver, Floor)):
+            if res.reached_at is None and res.idle_at is not None:
+                changed = abs(gauge.count() - before)
+                info["incomplete"] = (f"the monitor was idle again after {info['idle_again_s']} s with {changed} of "
+                                      f"{per} {gauge.unit} {'added' if step == 'add' else 'removed'}")
+                if gauge.names is not None and step == "del":
+                    info["left_behind"] = sorted(name for name in gauge.names if pluto_conn_tunnel(name) == "gnv1")
+            elif res.reached_at is None or (res.idle_at is None and not isinstance(driver, Floor)):
                 info["cut_off"] = f"limit {step_limit:g} s"
             detail[step] = info
             row[key] = info["visible_s"]
-            log(f"  {impl} N={n}: {step} one: visible {info['visible_s']} s, idle again {info['idle_again_s']} s, "
-                f"cpu {info['cpu_s']} s")
+            log(f"  {impl} N={n} ({driver.ike}): {step} one: visible {info['visible_s']} s, "
+                f"idle again {info['idle_again_s']} s, cpu {info['cpu_s']} s"
+                + (f"; INCOMPLETE: {info['incomplete']} {info.get('left_behind', '')}" if "incomplete" in info else ""))
             if "cut_off" in info:
                 return row, detail
-        conns, children = charon_children(driver.vici_path, driver.prefix)
-        detail["verified_after_add_del"] = {"conns": conns, "children": children}
+        detail["verified_after_add_del"] = driver.verify()
 
         # -- idle ------------------------------------------------------------------------------
         if not isinstance(driver, Floor) and args.idle > 0:
             t0, ns0, ticks0 = time.time(), meter.ns(), meter.ticks()
-            charon0 = cpu_ticks(driver.charon_pid())[0]
+            daemon0 = cpu_ticks(driver.ike_pid())[0]
             time.sleep(args.idle)
             seconds = time.time() - t0
             # schedstat (ns) rather than stat's 10 ms ticks, so a daemon that wakes briefly shows
             row["idle_cpu_pct"] = round(100 * (meter.ns() - ns0) / 1e9 / seconds, 4)
             detail["idle"] = {"seconds": round(seconds, 2), "cpu_precise_s": round((meter.ns() - ns0) / 1e9, 5),
                               "cpu_ticks_s": round(meter.ticks() - ticks0, 2),
-                              "charon_cpu_s": round(cpu_ticks(driver.charon_pid())[0] - charon0, 3)}
-            log(f"  {impl} N={n}: idle {seconds:.0f} s: {detail['idle']}")
+                              f"{daemon}_cpu_s": round(cpu_ticks(driver.ike_pid())[0] - daemon0, 3)}
+            log(f"  {impl} N={n} ({driver.ike}): idle {seconds:.0f} s: {detail['idle']}")
         return row, detail
     finally:
         if driver.started():  # at the end of the cell, whichever way it ended
             row["rss_mb"] = round(memory_kb(driver.pid).get("VmHWM", 0) / 1024, 1) or row["rss_mb"]
-            detail["charon_rss_mb"] = round(memory_kb(driver.charon_pid()).get("VmRSS", 0) / 1024, 1)
-            if isinstance(driver, Upstreams):
+            detail[f"{daemon}_rss_mb"] = round(memory_kb(driver.ike_pid()).get("VmRSS", 0) / 1024, 1)
+            detail[f"{daemon}_cpu_total_s"] = round(cpu_ticks(driver.ike_pid())[0], 3)
+            if isinstance(driver, Upstreams) and driver.ike == "strongswan":
                 detail["starter_cpu_s"] = round(sum(cpu_ticks(driver.up.starter_pid)), 3)
                 detail["starter_rss_mb"] = round(memory_kb(driver.up.starter_pid).get("VmHWM", 0) / 1024, 1)
         driver.stop()
 
 
-def load_n(n: int, impls: list[str], args) -> list[tuple[dict, dict]]:
-    """One private host and one ovsdb-server for this N; a fresh charon for each implementation."""
+def load_n(n: int, ike: str, impls: list[str], args) -> list[tuple[dict, dict]]:
+    """One private host and one ovsdb-server for this N and IKE daemon; a fresh charon or pluto for
+    each implementation."""
     out = []
     prefix = "ob" + secrets.token_hex(2)
-    with Sandbox(prefix, _fresh(WORKDIR / f"load-{n}"), keep_files=args.keep) as box:
-        host = box.add_host("h", f"{LOAD_LOCAL}/16", extra_charon_conf=CHARON_CONF)
-        # the remotes are on-link (nothing answers: no packet is ever sent to them)
+    folder = WORKDIR / (f"load-{n}" if ike == "strongswan" else f"load-lsw-{n}")
+    with Sandbox(prefix, _fresh(folder), keep_files=args.keep) as box:
+        host = box.add_host("h", f"{LOAD_LOCAL}/16", extra_charon_conf=CHARON_CONF, ike_daemon=ike)
+        # the remotes are on-link; nothing answers (only upstream on pluto sends them anything: its
+        # IKE_SA_INITs, which die in ARP inside the namespace)
         ip(host.name, "route", "add", f"{LOAD_REMOTES}.0.0/16", "dev", host.device)
         host.start_ovsdb()
         ovsdb = Ovsdb(f"{host.workdir}/db.sock")
         spd = SpdCounter(host.name)
         try:
             for impl in impls:
-                log(f"load N={n} {impl}")
+                log(f"load N={n} {impl} on {DAEMON[ike]}")
                 driver = {"ours": lambda: Ours(host, CHARON_CONF),
                           "upstream": lambda: Upstreams(host, CHARON_CONF),
                           "floor": lambda: Floor(host, CHARON_CONF, LOAD_LOCAL, LOAD_REMOTES)}[impl]()
                 try:
                     out.append(load_cell(driver, n, ovsdb, spd, args))
                 except Exception as exc:  # one broken cell must not lose the others
-                    log(f"  {impl} N={n} FAILED: {exc!r}")
-                    out.append(({"n": n, "impl": impl, "load_s": None, "add_one_s": None, "del_one_s": None,
-                                 "cpu_s": None, "rss_mb": None, "idle_cpu_pct": None, "establish_s": None},
-                                {"n": n, "impl": impl, "error": repr(exc)}))
+                    log(f"  {impl} N={n} ({ike}) FAILED: {exc!r}")
+                    out.append((empty_row(n, ike, impl), {"n": n, "ike": ike, "impl": impl, "error": repr(exc)}))
                 ovsdb.clear_ports()
-                _wait_spd_empty(spd)
+                if ike == "strongswan":  # pluto leaves two ND bypass policies; its next cell has a new one
+                    _wait_spd_empty(spd)
         finally:
             spd.close()
             ovsdb.close()
@@ -368,7 +465,7 @@ def _wait_spd_empty(spd: SpdCounter, timeout: float = 30) -> None:
 def establish_cell(impl: str, n: int, args) -> dict:
     """Time from A's commit until A's charon has N IKE SAs established."""
     prefix = "oe" + secrets.token_hex(2)
-    detail: dict = {"n": n, "impl": impl,
+    detail: dict = {"n": n, "ike": "strongswan", "impl": impl,
                     "loadavg_1min_before": float(Path("/proc/loadavg").read_text().split()[0])}
     limit = args.establish_limit
     with Sandbox(prefix, _fresh(WORKDIR / f"est-{impl}-{n}"), keep_files=args.keep) as box:
@@ -490,6 +587,9 @@ def machine() -> dict:
                       if line.startswith("MemTotal")))
     dpkg = {p: first_line(["dpkg-query", "-W", "-f=${Version}", p])
             for p in ("openvswitch-ipsec", "charon-systemd", "strongswan-starter")}
+    # extracted, not installed (it conflicts with strongSwan): its .deb is next to the root
+    deb = next(Path(LIBRESWAN_ROOT).parent.glob("libreswan_*.deb"), None)
+    dpkg["libreswan (extracted)"] = first_line(["dpkg-deb", "-f", str(deb), "Version"]) if deb else None
     git = {"commit": first_line(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"]),
            "uncommitted_files_in_src": len(subprocess.run(
                ["git", "-C", str(HERE.parent), "status", "--porcelain", "src"], capture_output=True,
@@ -501,9 +601,12 @@ def machine() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", default="10,100,1000,5000", help="tunnel counts for the load test")
-    parser.add_argument("--establish", default="100,1000", help="tunnel counts for establishment ('' to skip)")
-    parser.add_argument("--impl", default=",".join(IMPLS))
+    parser.add_argument("--n", default="10,100,1000,5000", help="tunnel counts for the load test (strongSwan)")
+    parser.add_argument("--establish", default="100,1000",
+                        help="tunnel counts for establishment, strongSwan only ('' to skip)")
+    parser.add_argument("--lsw-n", default="100,1000", help="tunnel counts for the load test on LibreSwan")
+    parser.add_argument("--ike", default=",".join(IKES), help="IKE daemons to run: strongswan, libreswan or both")
+    parser.add_argument("--impl", default=",".join(IMPLS), help="implementations (the floor is strongSwan only)")
     parser.add_argument("--idle", type=float, default=20.0, help="idle window, seconds (the issue's 60 s, shortened)")
     parser.add_argument("--limit", type=float, default=120.0, help="time limit for ours and the floor, s")
     parser.add_argument("--upstream-limit", type=float, default=150.0, help="time limit for upstream's load, s")
@@ -519,28 +622,37 @@ def main() -> int:
         print("bench: needs root (network namespaces)", file=sys.stderr)
         return 1
     impls = [i for i in args.impl.split(",") if i]
+    ikes = [i for i in args.ike.split(",") if i]
+    if set(ikes) - set(IKES):
+        parser.error(f"--ike: one or more of {', '.join(IKES)}")
+    if "libreswan" in ikes and not os.access(f"{LIBRESWAN_ROOT}/usr/libexec/ipsec/pluto", os.X_OK):
+        parser.error(f"no pluto in {LIBRESWAN_ROOT}: run scripts/setup-libreswan.sh (make setup does)")
     Ours.extra_flags = tuple(args.ours_flags.split())
-    ns = [int(x) for x in args.n.split(",") if x]
-    est = [int(x) for x in args.establish.split(",") if x]
+    ns = [int(x) for x in args.n.split(",") if x] if "strongswan" in ikes else []
+    est = [int(x) for x in args.establish.split(",") if x] if "strongswan" in ikes else []
+    lsw_ns = [int(x) for x in args.lsw_n.split(",") if x] if "libreswan" in ikes else []
+    lsw_impls = [i for i in impls if i != "floor"]  # the floor is a VICI script: strongSwan only
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows: dict[tuple[int, str], dict] = {}
+    rows: dict[tuple[str, int, str], dict] = {}
     details: list[dict] = []
     result = {"machine": machine(), "settings": {
         "idle_window_s": args.idle, "limit_s": args.limit, "upstream_limit_s": args.upstream_limit,
         "upstream_step_limit_s": args.upstream_step_limit,
-        "establish_limit_s": args.establish_limit, "charon_conf": CHARON_CONF, "ours_flags": args.ours_flags}, "runs": [], "details": details}
+        "establish_limit_s": args.establish_limit, "charon_conf": CHARON_CONF, "ours_flags": args.ours_flags,
+        "ike": ikes, "n": ns, "lsw_n": lsw_ns}, "runs": [], "details": details}
 
     def save() -> None:
-        result["runs"] = [rows[key] for key in sorted(rows, key=lambda k: (k[0], IMPLS.index(k[1])))]
+        order = sorted(rows, key=lambda k: (IKES.index(k[0]), k[1], IMPLS.index(k[2])))
+        result["runs"] = [rows[key] for key in order]
         result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
         result["duration_s"] = round(time.time() - started, 1)
         (out / "latest.json").write_text(json.dumps(result, indent=1) + "\n")
 
     for n in ns:
-        for row, detail in load_n(n, impls, args):
-            rows[(n, row["impl"])] = row
+        for row, detail in load_n(n, "strongswan", impls, args):
+            rows[("strongswan", n, row["impl"])] = row
             details.append(detail)
         save()
     for n in est:
@@ -550,14 +662,19 @@ def main() -> int:
                 detail = establish_cell(impl, n, args)
             except Exception as exc:
                 log(f"  establish {impl} N={n} FAILED: {exc!r}")
-                detail = {"n": n, "impl": impl, "error": repr(exc)}
+                detail = {"n": n, "ike": "strongswan", "impl": impl, "error": repr(exc)}
             detail["kind"] = "establish"
             details.append(detail)
-            row = rows.setdefault((n, impl), {"n": n, "impl": impl, "load_s": None, "add_one_s": None,
-                                              "del_one_s": None, "cpu_s": None, "rss_mb": None,
-                                              "idle_cpu_pct": None, "establish_s": None})
+            row = rows.setdefault(("strongswan", n, impl), empty_row(n, "strongswan", impl))
             row["establish_s"] = detail.get("establish_s")
             save()
+    # LibreSwan last, so the strongSwan figures are taken exactly as before. No establishment:
+    # see bench/README.md.
+    for n in lsw_ns:
+        for row, detail in load_n(n, "libreswan", lsw_impls, args):
+            rows[("libreswan", n, row["impl"])] = row
+            details.append(detail)
+        save()
     save()
     log(f"done in {time.time() - started:.0f} s")
     import report

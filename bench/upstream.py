@@ -9,6 +9,9 @@ over the /etc paths (shared/research/env-feasibility.md section 3). The monitor'
 Our additions to its strongswan.d (a copy of the machine's): charon's VICI socket in the work
 folder, so the benchmark can ask this charon exactly what it asks ours; the same file log as the
 sandbox's charon-systemd; and the caller's extra charon settings (e.g. block_threshold).
+
+With LibreSwan (UpstreamLibreswan) no mount namespace is needed: every path it uses takes
+--root-prefix, and it drives the host's own sandboxed pluto, the kind ours gets (see there).
 """
 
 from __future__ import annotations
@@ -91,9 +94,7 @@ class Upstream:
     def stop(self) -> None:
         """Monitor first (exit --no-cleanup, so it does not react), then starter and charon by PID."""
         if self.pid is not None:
-            subprocess.run(["ovs-appctl", "-t", self.unixctl(), "exit", "--no-cleanup"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-            _wait_gone(self.pid, 10) or _signal(self.pid, signal.SIGKILL)
+            stop_monitor(self.pid, self.unixctl())
         for pid in (self.starter_pid, self.charon_pid):
             if pid is not None and _alive(pid):
                 _signal(pid, signal.SIGTERM)
@@ -105,6 +106,78 @@ class Upstream:
 
     def busy(self) -> bool:
         return bool(self.pid and live_children(self.pid))
+
+
+class UpstreamLibreswan:
+    """The same script with --ike-daemon=libreswan, driving the pluto the caller started on the
+    host (Host.start_pluto: the very kind ours drives) through that host's `ipsec` wrapper.
+
+    Its root prefix is a folder of its own whose etc, run and nss are links into the host's pluto
+    root, so it writes pluto's ipsec.conf and ipsec.secrets (which it owns whole, as upstream does)
+    and talks to pluto's control socket, while its usr/sbin/ipsec is a guard: LibreSwan's
+    `ipsec start|stop|restart` is `systemctl ... ipsec.service`, and on this machine ipsec.service
+    is strongSwan's starter. Its start-up restart is turned off (--no-restart-ike-daemon) instead:
+    the pluto it finds is fresh already, and the restart would otherwise only have emptied its two
+    files (it rewrites them on every pass anyway) and cleaned NSS entries a fresh pluto does not have.
+    """
+
+    def __init__(self, host) -> None:
+        self.host = host
+        self.dir = host.workdir / "upstream"
+        self.root = self.dir / "root"
+        self.pid: int | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        d, r, pluto_root = self.dir, self.root, self.host.lsw_root
+        (r / "usr/sbin").mkdir(parents=True, exist_ok=True)
+        for sub in ("etc", "run", "nss"):
+            if not (r / sub).is_symlink():
+                os.symlink(pluto_root / sub, r / sub)
+        guard = r / "usr/sbin/ipsec"
+        guard.write_text('#!/bin/sh\n'
+                         'case "$1" in start|stop|restart|--start|--stop|--restart)\n'
+                         '  echo "bench: ipsec $1 refused: it would reach the machine\'s ipsec.service" >&2; exit 1;;\n'
+                         'esac\n'
+                         f'exec {pluto_root}/usr/sbin/ipsec "$@"\n')
+        guard.chmod(0o755)
+        env = {**os.environ, "OVS_RUNDIR": str(d), "OVS_LOGDIR": str(d), "OVS_DBDIR": str(d)}
+        argv = self.host.netns(
+            PYTHON, SCRIPT, f"--root-prefix={r}", "--ike-daemon=libreswan", "--no-restart-ike-daemon",
+            "--ipsec-conf=/etc/ipsec.conf", "--ipsec-secrets=/etc/ipsec.secrets", "--ipsec-d=/nss",
+            "--ipsec-ctl=/run/pluto.ctl", f"--pidfile={d}/ovs-monitor-ipsec.pid",
+            f"--log-file={d}/ovs-monitor-ipsec.log", "--detach", "--no-chdir", "-vconsole:off", self.host.db)
+        with open(d / "monitor-start.out", "ab") as out:
+            subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=True,
+                           timeout=timeout)
+        self.pid = int((d / "ovs-monitor-ipsec.pid").read_text())
+        wait_socket(self.unixctl(), timeout)
+        log(f"  upstream monitor {self.pid} on pluto {self.host.pluto_pid}")
+
+    def unixctl(self) -> str:
+        return f"{self.dir}/ovs-monitor-ipsec.{self.pid}.ctl"
+
+    def stop(self) -> None:
+        """The monitor only: pluto is the caller's."""
+        if self.pid is not None:
+            stop_monitor(self.pid, self.unixctl())
+            self.pid = None
+
+
+def stop_monitor(pid: int, unixctl: str) -> None:
+    """`exit --no-cleanup` (so it does not react), or signals by PID when it does not answer: a
+    monitor cut off in the middle of its work serves unixctl only when that work is done. An
+    `ipsec ...` it was running finishes by itself (within a command); it is waited for, by PID."""
+    children = live_children(pid)
+    try:
+        answered = subprocess.run(["ovs-appctl", "-t", unixctl, "--timeout=5", "exit", "--no-cleanup"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        answered = False
+    if not (answered and _wait_gone(pid, 10)):
+        _signal(pid, signal.SIGTERM)
+        _wait_gone(pid, 10) or _signal(pid, signal.SIGKILL)
+    for child in children:
+        _wait_gone(child, 10) or _signal(child, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
