@@ -241,7 +241,10 @@ def test_exit_with_cleanup_removes_all_our_objects(hosts, swan):
 @pytest.mark.parametrize("options, reason", [
     ({"psk": 'sw"ord\nfish'}, "'psk' contains a double quote or a control character"),
     ({"psk": "swordfish", "ipsec_leftupdown": "/tmp/x"}, "option 'ipsec_leftupdown' is not supported"),
+    ({"psk": "swordfish", "remote_ip": "flow"}, "'remote_ip=flow' cannot be encrypted"),
     ({"psk": "swordfish", "remote_ip": "fd00:231::2"}, "not of the same address family"),
+    ({"remote_name": "peer"}, "must set 'certificate' as local certificate"),
+    ({"remote_cert": "/nonexistent.pem"}, "must set 'certificate' as local certificate"),
 ])
 def test_bad_input_is_invalid_and_the_valid_tunnel_stays_up(hosts, swan, options, reason):
     a, b = hosts
@@ -254,6 +257,10 @@ def test_bad_input_is_invalid_and_the_valid_tunnel_stays_up(hosts, swan, options
     a.appctl("refresh")
     assert swan.ike_sa_ids(a)[conn] == sa_before
     assert swan.conns(a) == conns_before  # nothing of the bad tunnel reached the daemon
+    assert a.log_text().count("event=tunnel_invalid tunnel=bad ") == 1  # logged once, not on every wake
+    a.vsctl("set", "interface", "good", "options:ipsec_dpd-delay=20s")  # another change: still once
+    a.wait_state("good", "established")
+    assert a.log_text().count("event=tunnel_invalid tunnel=bad ") == 1
 
 
 def test_parameter_change_replaces_only_that_connection(hosts, swan):
