@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         pki_cli = None
     if pki_cli is not None and hasattr(pki_cli, "add_parser"):
         pki_cli.add_parser(commands)
+    from ..userspace import cli as userspace_cli  # userspace-esp, pcap-decrypt
+
+    userspace_cli.add_parsers(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 
