@@ -123,6 +123,9 @@ class NetdevHost:
     def esp_status(self) -> dict:
         return json.loads(run(["ovs-appctl", "-t", self.esp_ctl, "esp/show", "--json"], timeout=30).stdout)
 
+    def esp_show_text(self) -> str:
+        return run(["ovs-appctl", "-t", self.esp_ctl, "esp/show"], timeout=30).stdout
+
     def esp_tunnel(self, name: str) -> dict:
         return next(t for t in self.esp_status()["tunnels"] if t["name"] == name)
 

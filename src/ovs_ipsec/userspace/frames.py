@@ -85,7 +85,7 @@ def arp_frame(op: int, src_mac: bytes, sender_mac: bytes, sender_ip: bytes, targ
 
 def solicited_node(address: bytes) -> bytes:
     """The solicited-node multicast address of an IPv6 address (RFC 4291 section 2.7.1)."""
-    return bytes.fromhex("ff020000000000000000000001ff") + address[13:]
+    return bytes.fromhex("ff0200000000000000000001ff") + address[13:]
 
 
 def ipv6_multicast_mac(address: bytes) -> bytes:
