@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guard                                               # noqa: E402
 import ovn                                                 # noqa: E402
 import scenario as scenarios                                # noqa: E402
+import userspace                                           # noqa: E402
 from auth import AUTH, STATUS_AUTH                          # noqa: E402
 from backends import BACKENDS                               # noqa: E402
 from capture import ESP, IKE, Capture                       # noqa: E402
@@ -339,7 +340,7 @@ def main() -> int:
     say(f"running {len(selected)} scenario(s): {', '.join(s.name for s in selected)}")
     results = []
     for sc in selected:
-        res = run_scenario(sc)
+        res = userspace.run(sc, RESULTS, WORK, say) if sc.control == "userspace-esp" else run_scenario(sc)
         results.append(res)
         print("LAB-RESULT " + json.dumps(res), flush=True)
         say(f"[{sc.name}] {'PASS' if res['pass'] else 'FAIL'} in {res['seconds']}s")

@@ -9,13 +9,15 @@ DEFAULT_PORTS = {"geneve": 6081, "vxlan": 4789}
 TUNNELS = ("gre", "geneve", "vxlan")
 # psk: options:psk; cert: self-signed certificates (options:remote_cert); ca: CA-signed
 # certificates (other_config:ca_cert + options:remote_name). How: guest/auth.py.
-AUTHS = ("psk", "cert", "ca")
+AUTHS = ("psk", "cert", "ca", "manual")  # manual: ESP keys set by hand (control = "userspace-esp")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
-EXPECTS = ("encrypted", "guarded")
-BACKENDS = ("strongswan", "libreswan")
+EXPECTS = ("encrypted", "guarded", "interop")
+BACKENDS = ("strongswan", "libreswan", "none")
 # Who creates the tunnel: the operator with ovs-vsctl on each host, or OVN (guest/ovn.py: each
 # host an OVN chassis, ovn-controller makes the tunnel after `ovn-nbctl set nb_global . ipsec=true`).
-CONTROLS = ("ovs-vsctl", "ovn")
+# userspace-esp (guest/userspace.py): h1 a netdev hypervisor with our userspace ESP bump, h2 a
+# kernel-datapath one with manual kernel XFRM SAs holding the same keys.
+CONTROLS = ("ovs-vsctl", "ovn", "userspace-esp")
 UNDERLAYS = {
     # family: (host 1 address, host 2 address, prefix length)
     "ipv4": ("10.0.0.1", "10.0.0.2", 24),
@@ -48,6 +50,14 @@ class Scenario:
                                       or self.expect != "encrypted"):
             raise ValueError(f"scenario {self.name}: OVN needs tunnel geneve or vxlan, auth ca, "
                              "no options and expect encrypted")
+        # Userspace ESP (guest/userspace.py) has manual keys and no IKE daemon, and only it has.
+        ours = (self.auth == "manual", self.backend == "none", self.expect == "interop")
+        if self.control == "userspace-esp" and (not all(ours) or self.options or self.underlay != "ipv4"):
+            raise ValueError(f"scenario {self.name}: userspace-esp needs auth manual, backend none, "
+                             "expect interop, no options and the ipv4 underlay")
+        if self.control != "userspace-esp" and any(ours):
+            raise ValueError(f"scenario {self.name}: auth manual, backend none and expect interop "
+                             "are for control userspace-esp")
 
     @property
     def port(self):
