@@ -174,12 +174,13 @@ class NetdevHost:
 
 
 class Capture:
-    """tcpdump on a host's underlay device (everything), stopped by PID."""
+    """tcpdump on a host's underlay device (everything), stopped by PID. --immediate-mode: without it
+    packets of the last block timeout (up to 1 s) may never be written when tcpdump is stopped."""
 
     def __init__(self, host: NetdevHost, path) -> None:
         self.path = str(path)
-        self.process = subprocess.Popen(host.host.netns("tcpdump", "-i", host.host.device, "-nn", "-U", "-Z", "root",
-                                                        "-w", self.path),
+        self.process = subprocess.Popen(host.host.netns("tcpdump", "-i", host.host.device, "-nn", "-U",
+                                                        "--immediate-mode", "-Z", "root", "-w", self.path),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                         start_new_session=True)
         host.started.append(self.process)
