@@ -5,6 +5,8 @@
     esp      plays the remote kernel: ESP packets of the same tunnel packets, sealed here with the
              remote's outbound SA (sequence numbers 1, 2, ...), sent through a raw IP socket.
     plain    the same tunnel packets, unencrypted (the baseline's inbound direction).
+    udp      the same tunnel packets through a UDP socket to --dst port 4789: the kernel adds UDP
+             and IP (and ESP, where an XFRM policy says so: the lab's kernel ESP cell).
 
 Runs for --seconds, then prints one JSON line: packets sent and this process's CPU seconds.
 """
@@ -35,7 +37,7 @@ def tunnel_payload(size: int, port: int = 4789, vni: int = 1) -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("frames", "esp", "plain"))
+    parser.add_argument("mode", choices=("frames", "esp", "plain", "udp"))
     parser.add_argument("--device", help="frames: the OVS end of the uplink veth")
     parser.add_argument("--src", required=True)
     parser.add_argument("--dst", required=True)
@@ -55,6 +57,10 @@ def main() -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         frame = bytes.fromhex("020000000002" "020000000001") + frames.ETHERTYPE_IPV4 + header + payload
         send, target = sock.send, None
+    elif args.mode == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        target, send, packet = (args.dst, 4789), sock.sendto, payload[8:]
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)

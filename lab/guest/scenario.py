@@ -11,7 +11,7 @@ TUNNELS = ("gre", "geneve", "vxlan")
 # certificates (other_config:ca_cert + options:remote_name). How: guest/auth.py.
 AUTHS = ("psk", "cert", "ca", "manual")  # manual: ESP keys set by hand (control = "userspace-esp")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
-EXPECTS = ("encrypted", "guarded", "interop")
+EXPECTS = ("encrypted", "guarded", "interop", "throughput")
 BACKENDS = ("strongswan", "libreswan", "none")
 # Who creates the tunnel: the operator with ovs-vsctl on each host, or OVN (guest/ovn.py: each
 # host an OVN chassis, ovn-controller makes the tunnel after `ovn-nbctl set nb_global . ipsec=true`).
@@ -50,14 +50,19 @@ class Scenario:
                                       or self.expect != "encrypted"):
             raise ValueError(f"scenario {self.name}: OVN needs tunnel geneve or vxlan, auth ca, "
                              "no options and expect encrypted")
-        # Userspace ESP (guest/userspace.py) has manual keys and no IKE daemon, and only it has.
-        ours = (self.auth == "manual", self.backend == "none", self.expect == "interop")
-        if self.control == "userspace-esp" and (not all(ours) or self.options or self.underlay != "ipv4"):
-            raise ValueError(f"scenario {self.name}: userspace-esp needs auth manual, backend none, "
-                             "expect interop, no options and the ipv4 underlay")
-        if self.control != "userspace-esp" and any(ours):
-            raise ValueError(f"scenario {self.name}: auth manual, backend none and expect interop "
-                             "are for control userspace-esp")
+        # Userspace ESP (guest/userspace.py): manual keys without an IKE daemon, or (interop only)
+        # psk with strongSwan negotiating; and those values belong to it alone.
+        manual = self.auth == "manual" and self.backend == "none"
+        ike = self.auth == "psk" and self.backend == "strongswan" and self.expect == "interop"
+        if self.control == "userspace-esp" and (not (manual or ike) or self.options or self.underlay != "ipv4"
+                                                or self.expect not in ("interop", "throughput")):
+            raise ValueError(f"scenario {self.name}: userspace-esp needs auth manual and backend none, or auth "
+                             "psk and backend strongswan (interop), expect interop or throughput, no options and "
+                             "the ipv4 underlay")
+        if self.control != "userspace-esp" and (self.auth == "manual" or self.backend == "none"
+                                                or self.expect in ("interop", "throughput")):
+            raise ValueError(f"scenario {self.name}: auth manual, backend none and expect interop or "
+                             "throughput are for control userspace-esp")
 
     @property
     def port(self):

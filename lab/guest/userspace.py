@@ -12,6 +12,12 @@ kernel (`ip xfrm state`), must decrypt every ESP packet to the scenario's tunnel
 the overlay's ARP and pings and nothing else; and the kernel's own SA counters must agree with
 what our bump says it sent.
 
+With `auth = "psk"` (IKEv2, no C involved): h1 runs charon too, configured by hand with the
+traffic selectors and proposals our monitor gives h2's charon, but with `policies = no` and
+`mark_in`/`mark_out` (`mark_in_sa = yes`): charon negotiates the transport SAs and installs them in
+h1's kernel inert, and the bump (`--ike-keys`) reads them back from the kernel (`ip -s xfrm state`)
+and does the ESP. h2 is an ordinary kernel-datapath hypervisor with our monitor and charon.
+
 Keys never reach the results folder: the xfrm batch and the decryptor's key file stay in the
 VM's work folder (tmpfs), and the transcript shows `ip -batch FILE`, not the keys.
 """
@@ -25,9 +31,11 @@ import time
 import traceback
 from pathlib import Path
 
+from auth import PSK
+from backends import StrongSwan
 from capture import ESP, Capture
 from hosts import BRIDGE, TUNNEL_PORT, Host, Topology
-from monitor import CLI, PYTHON_ENV
+from monitor import CLI, PYTHON_ENV, Monitor, tunnel_established
 from proc import Shell, stop_pidfile, wait_for
 from scenario import DEFAULT_PORTS, OVERLAY, Scenario
 
@@ -44,21 +52,78 @@ def key() -> str:
     return "0x" + secrets.token_hex(20)   # AES-128 and its 4-byte salt
 
 
+# h1's charon for the IKE variant: the children our monitor gives h2's charon (mirrored), but
+# installed inert: no policies, and marks on both SAs (mark_in_sa: the inbound SA too, not only
+# its policy), so the kernel never uses them and unmarked arriving ESP finds no kernel SA.
+SWANCTL_CONF = """\
+connections {{
+  userspace-{name} {{
+    version = 2
+    local_addrs = {local}
+    remote_addrs = {remote}
+    proposals = aes256gcm16-sha256-modp2048
+    local {{
+      auth = psk
+      id = {local}
+    }}
+    remote {{
+      auth = psk
+      id = {remote}
+    }}
+    children {{
+{children}
+    }}
+  }}
+}}
+secrets {{
+  ike-{name} {{
+    id-1 = {local}
+    id-2 = {remote}
+    secret = "{psk}"
+  }}
+}}
+"""
+CHILD = """\
+      {name} {{
+        mode = transport
+        local_ts = {local_ts}
+        remote_ts = {remote_ts}
+        esp_proposals = aes256gcm16-modp2048
+        policies = no
+        mark_in = 0x2a/0xffffffff
+        mark_in_sa = yes
+        mark_out = 0x2a/0xffffffff
+        start_action = start
+      }}
+"""
+
+
+def swanctl_conf(sc: Scenario, host: Host, peer: Host) -> str:
+    if sc.tunnel == "gre":
+        children = CHILD.format(name="tun-gre", local_ts="dynamic[gre]", remote_ts="dynamic[gre]")
+    else:
+        port = DEFAULT_PORTS[sc.tunnel]
+        children = (CHILD.format(name="tun-in", local_ts=f"dynamic[udp/{port}]", remote_ts="dynamic[udp]")
+                    + CHILD.format(name="tun-out", local_ts="dynamic[udp]", remote_ts=f"dynamic[udp/{port}]"))
+    return SWANCTL_CONF.format(name=sc.tunnel, local=host.ip, remote=peer.ip, children=children, psk=PSK)
+
+
 class Bump:
     """`ovs-ipsec userspace-esp` on a netdev host."""
 
     logs = ("esp.log", "esp.out")
 
-    def __init__(self, host: Host):
+    def __init__(self, host: Host, ike_keys: bool = False):
         self.host = host
         self.ctl = host.dir / "esp.ctl"
         self.pidfile = host.dir / "esp.pid"
+        self.ike_keys = ike_keys
 
     def start(self) -> None:
         h, d = self.host, self.host.dir
         h.sh.run([*CLI, "userspace-esp", h.db, "--uplink", UPLINK_BUMP, "--state-dir", d / "esp-state",
                   "--unixctl", self.ctl, "--pidfile", self.pidfile, "--log-file", d / "esp.log", "--detach",
-                  "--no-chdir", "-vfile:dbg"],
+                  "--no-chdir", "-vfile:dbg", *(["--ike-keys"] if self.ike_keys else [])],
                  netns=h.name, env={**PYTHON_ENV, **h.ovs_env}, log=d / "esp.out", timeout=90)
         if not wait_for(self.ctl.exists, timeout=30):
             raise RuntimeError(f"{h.name}: userspace-esp did not create {self.ctl} (see esp.out)")
@@ -127,14 +192,31 @@ def xfrm_sa_packets(host: Host, spi: int) -> int | None:
     return int(m.group(2)) if m else None
 
 
-def decrypt(host: Host, pcap: Path, keys_from: Path) -> dict:
-    """ovs-ipsec pcap-decrypt --json on the capture, keys from `ip xfrm state` of `host`."""
-    cp = host.sh.run(["ip", "xfrm", "state"], netns=host.name, quiet=True)
-    keys_from.write_text(cp.stdout)
-    keys_from.chmod(0o600)
-    cp = host.sh.run([*CLI, "pcap-decrypt", pcap, "--sa-file", keys_from, "--json"], env=PYTHON_ENV, timeout=120,
-                     quiet=True)
+def save_xfrm_state(host: Host, path: Path) -> Path | None:
+    """`ip xfrm state` of a host, keys included, into the VM's work folder (never /results)."""
+    cp = host.sh.run(["ip", "xfrm", "state"], netns=host.name, quiet=True, check=False)
+    if cp.returncode != 0 or not cp.stdout.strip():
+        return None
+    path.write_text(cp.stdout)
+    path.chmod(0o600)
+    return path
+
+
+def decrypt(host: Host, pcap: Path, keys_from: Path, ports: tuple = ()) -> dict:
+    """ovs-ipsec pcap-decrypt --json on the capture, keys from an `ip xfrm state` listing."""
+    extra = [argument for kind_port in ports for argument in ("--port", kind_port)]
+    cp = host.sh.run([*CLI, "pcap-decrypt", pcap, "--sa-file", keys_from, "--json", *extra], env=PYTHON_ENV,
+                     timeout=120, quiet=True)
     return json.loads(cp.stdout)
+
+
+def kernel_oracle(sc: Scenario, host: Host, pcap: Path, keys_from: Path, out: Path) -> dict:
+    """The oracle for the kernel (IKE) scenarios: the capture decrypted with the SAs the kernel of
+    `host` held (both directions: each host has its inbound and outbound SAs)."""
+    ports = (f"{sc.tunnel}:{sc.port}",) if sc.port and sc.port != DEFAULT_PORTS.get(sc.tunnel) else ()
+    report = decrypt(host, pcap, keys_from, ports)
+    (out / "decrypted.json").write_text(json.dumps(report, indent=1) + "\n")
+    return oracle(report, sc.tunnel, OVERLAY[:2])
 
 
 def oracle(report: dict, tunnel: str, overlay: tuple) -> dict:
@@ -187,7 +269,10 @@ def run(sc: Scenario, results: Path, work_root: Path, say) -> dict:
     topology = Topology(sc, work, sh)
     h1, h2 = topology.hosts
     capture = Capture(h2, out / "underlay.pcap")
-    bump = Bump(h1)
+    ike = sc.auth == "psk"
+    bump = Bump(h1, ike_keys=ike)
+    charon = StrongSwan() if ike else None
+    monitor = Monitor(h2, charon) if ike else None
     result = {**sc.summary(), "ping_ok": False, "ping_back_ok": False, "esp_packets": 0, "plaintext_packets": None,
               "oracle_ok": False, "bump_ok": False, "kernel_counters_ok": False, "pass": False, "error": None}
     step, t0 = "underlay", time.monotonic()
@@ -203,14 +288,33 @@ def run(sc: Scenario, results: Path, work_root: Path, say) -> dict:
         for host in (h1, h2):
             host.start_ovs()
         step = "configure"
-        key_12, key_21 = key(), key()
-        netdev_host(sc, h1, h2, {"esp_out_spi": f"0x{SPI_12:x}", "esp_in_spi": f"0x{SPI_21:x}",
-                                 "esp_out_key": key_12, "esp_in_key": key_21})
-        kernel_host(sc, h2, h1, key_21, key_12, work)
-        bump.start()
+        if ike:
+            for host in (h1, h2):
+                charon.start(host)
+            monitor.start()
+            # h2: the ordinary kernel-datapath host, its tunnel encrypted by our monitor and charon.
+            h2.add_bridge()
+            h2.add_tunnel(sc, h1, {"psk": PSK})
+            # h1: the netdev host, the same tunnel options an operator would set (psk) ...
+            netdev_host(sc, h1, h2, {"psk": PSK})
+            bump.start()
+            # ... and its charon, given inert children by hand (the monitor cannot render them yet).
+            conf = work / "h1-swanctl.conf"
+            conf.write_text(swanctl_conf(sc, h1, h2))
+            conf.chmod(0o600)
+            h1.sh.run(["swanctl", "--load-all", "--file", conf, "--uri", f"unix://{charon.vici(h1)}"],
+                      netns=h1.name, timeout=60)
+        else:
+            key_12, key_21 = key(), key()
+            netdev_host(sc, h1, h2, {"esp_out_spi": f"0x{SPI_12:x}", "esp_in_spi": f"0x{SPI_21:x}",
+                                     "esp_out_key": key_12, "esp_in_key": key_21})
+            kernel_host(sc, h2, h1, key_21, key_12, work)
+            bump.start()
         step = "active"
-        if not wait_for(lambda: bump.tunnel().get("state") == "active", timeout=60):
+        if not wait_for(lambda: bump.tunnel().get("state") == "active", timeout=90):
             raise RuntimeError(f"the bump never reported {TUNNEL_PORT} active: {bump.status()}")
+        if ike:
+            result["h2_established"] = wait_for(lambda: tunnel_established(monitor.poll())[0], timeout=60)
         step = "ping"
         result["ping_sent"], result["ping_received"] = ping(h1, h2, out, "h1-h2")
         result["ping_back_sent"], result["ping_back_received"] = ping(h2, h1, out, "h2-h1")
@@ -225,12 +329,18 @@ def run(sc: Scenario, results: Path, work_root: Path, say) -> dict:
         inbound_drops = tunnel.get("inbound", {}).get("drops", {})
         result["bump_ok"] = (tunnel.get("state") == "active" and tunnel["outbound"]["packets"] > 0
                              and tunnel["inbound"]["packets"] > 0 and not inbound_drops)
-        result["kernel_in_packets"] = xfrm_sa_packets(h2, SPI_12)
-        result["kernel_out_packets"] = xfrm_sa_packets(h2, SPI_21)
+        spi_12, spi_21 = (int(tunnel["out_spi"], 16), int(tunnel["in_spi"], 16)) if ike else (SPI_12, SPI_21)
+        result["spis"] = [f"0x{spi_12:08x}", f"0x{spi_21:08x}"]
+        result["kernel_in_packets"] = xfrm_sa_packets(h2, spi_12)
+        result["kernel_out_packets"] = xfrm_sa_packets(h2, spi_21)
+        if ike:
+            # h1's kernel holds the same SAs inert: it must not have decrypted or sent anything.
+            result["h1_kernel_packets"] = [xfrm_sa_packets(h1, spi) for spi in (spi_12, spi_21)]
         # What h2's kernel verified on our SA is what we sealed (the too-big ones never left);
         # what it sealed for us is what we verified.
         result["kernel_counters_ok"] = (result["kernel_in_packets"] == tunnel["outbound"]["packets"]
-                                        and result["kernel_out_packets"] == tunnel["inbound"]["packets"])
+                                        and result["kernel_out_packets"] == tunnel["inbound"]["packets"]
+                                        and (not ike or result["h1_kernel_packets"] == [0, 0]))
     except Exception as e:
         result["error"] = f"{step}: {e}"
         (out / "error.txt").write_text(traceback.format_exc())
@@ -241,8 +351,9 @@ def run(sc: Scenario, results: Path, work_root: Path, say) -> dict:
             result["esp_packets"] = capture.count(ESP)
             result["plaintext_packets"] = capture.count(sc.plaintext_filter)
             (out / "underlay.txt").write_text(capture.text())
-            if result["esp_packets"]:
-                report = decrypt(h2, capture.pcap, work / "h2-xfrm-state.txt")
+            keys_from = save_xfrm_state(h2, work / "h2-xfrm-state.txt")
+            if result["esp_packets"] and keys_from:
+                report = decrypt(h2, capture.pcap, keys_from)
                 (out / "decrypted.json").write_text(json.dumps(report, indent=1) + "\n")
                 result.update(oracle(report, sc.tunnel, OVERLAY[:2]))
         except Exception as e:
@@ -253,13 +364,18 @@ def run(sc: Scenario, results: Path, work_root: Path, say) -> dict:
                 (out / f"{host.name}-state.txt").write_text(_snapshot(host))
             except Exception:
                 pass
-        for stop in (bump.stop, h1.stop_ovs, h2.stop_ovs):
+        stops = [bump.stop, h1.stop_ovs, h2.stop_ovs]
+        if ike:
+            stops = [monitor.stop, lambda: charon.stop(h1), lambda: charon.stop(h2)] + stops
+        for stop in stops:
             try:
                 stop()
             except Exception as e:
                 say(f"teardown: {e}")
-        for host, logs in ((h1, ("ovsdb-server.log", "ovs-vswitchd.log", *Bump.logs)),
-                           (h2, ("ovsdb-server.log", "ovs-vswitchd.log"))):
+        ike_logs = ("charon.log", "charon.out") if ike else ()
+        for host, logs in ((h1, ("ovsdb-server.log", "ovs-vswitchd.log", *Bump.logs, *ike_logs)),
+                           (h2, ("ovsdb-server.log", "ovs-vswitchd.log", *ike_logs,
+                                 *(Monitor.logs if ike else ())))):
             for log in logs:
                 if (host.dir / log).exists():
                     shutil.copy2(host.dir / log, out / f"{host.name}-{log}")

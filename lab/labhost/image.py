@@ -47,6 +47,8 @@ MODULE_EXCLUDES = ["sound", "drivers/gpu", "drivers/media", "drivers/infiniband"
 # Loaded by the initramfs: enough to mount ext4 from virtio-blk.
 INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "ext4"]
 GUEST_PYTHON = "3.11"
+# bench/ files the overlay carries to /opt/ovs-ipsec/bench (guest/userspace_perf.py runs them).
+BENCH_FILES = ("esp_bump.py", "esp_traffic.py")
 
 
 @dataclass(frozen=True)
@@ -292,7 +294,9 @@ def build_overlay(pydeps: Path) -> Path:
     while the base image stays cached.
     """
     src = paths.REPO / "src"
-    key = digest(pydeps.name, src, paths.GUEST, paths.SCENARIOS)
+    # The userspace ESP throughput scenario runs the benchmark's bump and traffic generator.
+    bench = [paths.REPO / "bench" / name for name in BENCH_FILES]
+    key = digest(pydeps.name, src, paths.GUEST, paths.SCENARIOS, *bench)
     stage = paths.CACHE / "overlay"
     image = stage / f"{key}.img"
     if image.exists():
@@ -306,8 +310,12 @@ def build_overlay(pydeps: Path) -> Path:
         shutil.copytree(pydeps, tree / "pydeps", symlinks=True)
         shutil.copytree(paths.GUEST, tree / "lab", ignore=ignore)
         shutil.copy2(paths.SCENARIOS, tree / "lab/scenarios.toml")
+        (tree / "bench").mkdir()
+        for path in bench:
+            shutil.copy2(path, tree / "bench" / path.name)
         # Byte-compile on the host: importing cryptography and ovs from source under TCG is slow.
-        subprocess.run([_host_python311(), "-m", "compileall", "-q", "-j", "0", tree / "src", tree / "lab"],
+        subprocess.run([_host_python311(), "-m", "compileall", "-q", "-j", "0", tree / "src", tree / "lab",
+                        tree / "bench"],
                        capture_output=True)
         _mkfs(tree, image.with_suffix(".part"), label="ovsipsec", extra_mb=32)
         image.with_suffix(".part").rename(image)

@@ -38,6 +38,10 @@ def add_service_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                         help=f"where outbound sequence numbers are reserved (default {DEFAULT_STATE_DIR})")
     parser.add_argument("--unixctl", help="control socket path (default <rundir>/ovs-ipsec-esp.<pid>.ctl)")
+    parser.add_argument("--ike-keys", action="store_true",
+                        help="also encrypt netdev tunnels with IKE options (psk, remote_cert, remote_name), with "
+                             "the SAs the IKE daemon installed in the kernel inert (policies = no, mark_in, "
+                             "mark_out), read with `ip -s xfrm state`")
     parser.add_argument("--no-icmp", action="store_true",
                         help="do not send ICMP 'fragmentation needed' / 'packet too big' into the overlay "
                              "for packets that do not fit with ESP (they are dropped and counted either way)")
@@ -56,7 +60,7 @@ def run_service(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .ovsdb import EspOvsdbReader
     from .seqstore import SequenceStore
-    from .service import EspService
+    from .service import EspService, read_kernel_sas
 
     # Names of the pidfile, log file and control socket derive from the program name.
     ovs.util.PROGRAM_NAME = PROGRAM
@@ -79,7 +83,8 @@ def run_service(args: argparse.Namespace) -> int:
         engine = Engine(gateway_mac_for(datapath.uplink_mac), SequenceStore(Path(args.state_dir).absolute()),
                         logging.getLogger("ovs_ipsec.userspace"), send_too_big=not args.no_icmp)
         log.info("userspace ESP on uplink %s", args.uplink)
-        EspService(reader, datapath, engine, args.unixctl).run()
+        EspService(reader, datapath, engine, args.unixctl,
+                   kernel_sas=read_kernel_sas if args.ike_keys else None).run()
     except OvsIpsecError as exc:
         print(f"{PROGRAM}: {exc}", file=sys.stderr)
         return 1

@@ -198,6 +198,10 @@ class Engine:
 
     def _start_sequence(self, state: TunnelState) -> None:
         sa = state.tunnel.outbound
+        if state.tunnel.fresh_keys:
+            # An IKE-negotiated key exists for this SA alone: its IVs cannot have been used.
+            state.out_seq, state.out_limit, state.error = 0, esp.MAX_SEQ, None
+            return
         try:
             state.out_seq = self._sequences.last_reserved(sa.spi, sa.key)
             state.out_limit = self._sequences.reserve(sa.spi, sa.key, state.out_seq + 1)
@@ -248,7 +252,7 @@ class Engine:
         state = self._out.get((dst, protocol, port))
         if state is None or state.local != src:
             return self._unprotected(protocol, port, dst, src)
-        self.bridge_macs.setdefault(src, frame[6:12])
+        self.bridge_macs[src] = frame[6:12]  # br-phy's MAC, kept current (it can change on restart)
         if flags_frag & 0x3FFF:
             # OVS sets DF on tunnel packets and never fragments them: a fragment here is not ours.
             state.out.drop("fragment")
@@ -343,7 +347,7 @@ class Engine:
         if state is None or state.local != src:
             # Extension headers (OVS puts none on tunnel packets) end up here too: not ours.
             return self._unprotected(next_header, port, dst, src)
-        self.bridge_macs.setdefault(src, frame[6:12])
+        self.bridge_macs[src] = frame[6:12]  # br-phy's MAC, kept current (it can change on restart)
         payload = frame[start:end]
         size = IPV6_HEADER_LEN + len(payload) + esp.esp_overhead(len(payload))
         if state.path_mtu is not None and size > state.path_mtu:

@@ -85,6 +85,9 @@ class EspTunnel:
     inbound: SaConfig
     replay_window: int = DEFAULT_REPLAY_WINDOW
     bridge: str = ""
+    # Keys negotiated by IKE for this SA alone (keysource.py): the IV sequence may start at 1,
+    # no reservation needed. Manual keys (False) outlive restarts: see seqstore.py.
+    fresh_keys: bool = False
 
     @property
     def protocol(self) -> int:
@@ -101,9 +104,28 @@ class EspTunnel:
 
 
 @dataclass(frozen=True)
+class IkeTunnel:
+    """A netdev tunnel keyed by IKE (options:psk, remote_cert or remote_name): its SAs are
+    negotiated by the IKE daemon and read from the kernel (keysource.py)."""
+
+    name: str
+    kind: str
+    local_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    remote_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dst_port: int | None
+    replay_window: int = DEFAULT_REPLAY_WINDOW
+    bridge: str = ""
+
+    @property
+    def protocol(self) -> int:
+        return TUNNEL_PROTOCOLS[self.kind]
+
+
+@dataclass(frozen=True)
 class Invalid:
     name: str  # the interface name if it is safe to print, else a placeholder with its UUID
     reason: str
+    state: str = "invalid"  # or "pending": valid, waiting for its SAs (IKE)
 
 
 @dataclass(frozen=True)
@@ -144,7 +166,30 @@ def validate(rows: tuple[TunnelRow, ...] | list[TunnelRow]) -> EspConfig:
     return EspConfig(tuple(tunnels), tuple(invalid + collided))
 
 
-def _tunnel(row: TunnelRow, name: str) -> EspTunnel:
+def validate_ike(rows: tuple[TunnelRow, ...] | list[TunnelRow]) -> tuple[tuple[IkeTunnel, ...], tuple[Invalid, ...]]:
+    """Netdev tunnels with IKE options and no esp_* options (those with both are refused by
+    validate()). Tunnels on kernel-datapath bridges are the monitor's, not ours: skipped."""
+    tunnels, invalid = [], []
+    for row in sorted(rows, key=lambda r: (r.name, r.uuid)):
+        if wants_userspace_esp(row) or not any(row.option(key) is not None for key in IKE_OPTIONS):
+            continue
+        if (row.datapath_type or "system") != "netdev":
+            continue
+        name = printable_name(row)
+        try:
+            kind = _common(row)
+            local_ip, remote_ip = _address(row, "local_ip"), _address(row, "remote_ip")
+            if local_ip.version != remote_ip.version:
+                raise _Reject("options:local_ip and options:remote_ip are of different address families")
+            tunnels.append(IkeTunnel(row.name, kind, local_ip, remote_ip, _port(row, kind), _replay_window(row),
+                                     row.bridge or ""))
+        except _Reject as exc:
+            invalid.append(Invalid(name, f"tunnel {name}: {exc}"))
+    return tuple(tunnels), tuple(invalid)
+
+
+def _common(row: TunnelRow) -> str:
+    """The checks every tunnel of ours passes first; returns its type."""
     if not _NAME.fullmatch(row.name):
         raise _Reject("the interface name must be 1-64 of A-Z a-z 0-9 _ . : @ + -")
     for key, _ in row.options:
@@ -163,6 +208,11 @@ def _tunnel(row: TunnelRow, name: str) -> EspTunnel:
         bridge = row.bridge if _NAME.fullmatch(row.bridge) else "its bridge"
         raise _Reject(f"is on bridge {bridge} with datapath_type {shown}: userspace ESP protects tunnels "
                       "of the userspace (netdev) datapath only; kernel datapath tunnels use kernel IPsec")
+    return kind
+
+
+def _tunnel(row: TunnelRow, name: str) -> EspTunnel:
+    kind = _common(row)
     present = [key for key in IKE_OPTIONS if row.option(key) is not None]
     if present:
         raise _Reject(f"has both manual ESP keys and options:{present[0]} (IKE); configure one or the other")

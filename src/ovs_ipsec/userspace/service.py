@@ -17,11 +17,14 @@ import ovs.unixctl.server
 
 from .. import __version__
 from ..errors import OvsIpsecError
+from ..runner import run
 from .datapath import Datapath
 from .engine import Engine
+from .keysource import tunnels_from_kernel
 from .ovsdb import EspOvsdbReader
-from .sa import Invalid, validate
+from .sa import Invalid, TunnelRow, validate, validate_ike
 from .status import ServiceStatus, render_json, render_text
+from .xfrm import KnownSa, parse_xfrm_state
 
 log = logging.getLogger("ovs_ipsec.userspace")
 
@@ -29,15 +32,26 @@ BATCH = 64
 CONTROL_INTERVAL = 0.02  # seconds between two looks at OVSDB and unixctl while packets flow
 HOUSEKEEPING_INTERVAL = 1.0  # ARP for br-phy's MAC until learned; path MTU refresh
 PATH_MTU_INTERVAL = 10.0
+KERNEL_SA_INTERVAL = 1.0  # --ike-keys: how often the kernel's SAs are read (rekeys show up within it)
+
+
+def read_kernel_sas() -> list[KnownSa]:
+    """The kernel's ESP SAs with their keys (root). The output is parsed, never logged."""
+    return parse_xfrm_state(run(["ip", "-s", "xfrm", "state"], timeout=10).stdout)
 
 
 class EspService:
     def __init__(self, reader: EspOvsdbReader, datapath: Datapath, engine: Engine,
-                 unixctl_path: str | None, clock=time.monotonic) -> None:
+                 unixctl_path: str | None, clock=time.monotonic, kernel_sas=None) -> None:
         self._reader = reader
         self._datapath = datapath
         self._engine = engine
         self._clock = clock
+        # --ike-keys: a callable returning the kernel's SAs (read_kernel_sas), else None.
+        self._kernel_sas = kernel_sas
+        self._next_kernel_read = 0.0
+        self._rows: tuple[TunnelRow, ...] = ()
+        self._kernel: list[KnownSa] = []
         self._invalid: tuple[Invalid, ...] = ()
         self._exiting = False
         self._next_housekeeping = 0.0
@@ -82,7 +96,20 @@ class EspService:
 
     def _control(self, now: float) -> None:
         self._server.run()
+        changed = False
         if self._reader.run():
+            self._rows = self._reader.rows()
+            changed = True
+        if self._kernel_sas is not None and now >= self._next_kernel_read:
+            self._next_kernel_read = now + KERNEL_SA_INTERVAL
+            try:
+                kernel = self._kernel_sas()
+            except OvsIpsecError as exc:
+                log.warning("cannot read the kernel's SAs: %s", exc)
+                kernel = self._kernel
+            if kernel != self._kernel:
+                self._kernel, changed = kernel, True
+        if changed:
             self._reconfigure()
         if self._datapath.mtu_changed or now >= self._next_path_mtu:
             self._datapath.mtu_changed = False
@@ -93,12 +120,17 @@ class EspService:
             self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
 
     def _reconfigure(self) -> None:
-        config = validate(self._reader.rows())
-        for invalid in config.invalid:
-            if invalid not in self._invalid:
-                log.warning("%s", invalid.reason)
-        self._invalid = config.invalid
-        self._engine.configure(config.tunnels, self._datapath.path_mtu)
+        config = validate(self._rows)
+        tunnels, invalid = config.tunnels, config.invalid
+        if self._kernel_sas is not None:
+            ike, ike_invalid = validate_ike(self._rows)
+            keyed, waiting = tunnels_from_kernel(ike, self._kernel)
+            tunnels, invalid = tunnels + keyed, invalid + ike_invalid + waiting
+        for entry in invalid:
+            if entry not in self._invalid:
+                log.warning("%s", entry.reason)
+        self._invalid = invalid
+        self._engine.configure(tunnels, self._datapath.path_mtu)
         self._next_housekeeping = 0.0  # new local_ip: learn br-phy's MAC now
 
     # -- unixctl ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def as_dict(status: ServiceStatus) -> dict:
         "path_mtu": t.path_mtu, "overlay_mtu": t.overlay_mtu, "out_seq": t.out_seq,
         "outbound": _counters(t.outbound), "inbound": _counters(t.inbound),
     } for t in status.engine.tunnels]
-    tunnels += [{"name": i.name, "state": "invalid", "reason": i.reason} for i in status.invalid]
+    tunnels += [{"name": i.name, "state": i.state, "reason": i.reason} for i in status.invalid]
     tunnels.sort(key=lambda t: t["name"])
     return {
         "uplink": status.uplink,
@@ -54,8 +54,8 @@ def render_text(status: ServiceStatus) -> str:
     lines = [f"uplink {data['uplink']} (answers as {data['gateway_mac']}); br-phy MACs: "
              + (", ".join(f"{ip} at {mac}" for ip, mac in data["bridge_macs"].items()) or "none learned yet")]
     for t in data["tunnels"]:
-        if t["state"] == "invalid":
-            lines.append(f"{t['name']}: invalid: {t['reason']}")
+        if t["state"] in ("invalid", "pending"):
+            lines.append(f"{t['name']}: {t['state']}: {t['reason']}")
             continue
         port = f":{t['dst_port']}" if t["dst_port"] else ""
         lines.append(f"{t['name']}: {t['state']} {t['type']} {t['local_ip']} -> {t['remote_ip']}{port}"

@@ -26,8 +26,16 @@ _KEY = r"0x(?:[0-9a-fA-F]{40}|[0-9a-fA-F]{56}|[0-9a-fA-F]{72})"
 _ARGUMENT = re.compile(rf"(?P<spi>{_SPI}):(?P<key>{_KEY})")
 _LINE = re.compile(rf"(?P<spi>{_SPI})\s+(?P<key>{_KEY})")
 _STATE_HEAD = re.compile(r"src (?P<src>[0-9a-fA-F:.]{2,45}) dst (?P<dst>[0-9a-fA-F:.]{2,45})")
-_STATE_PROTO = re.compile(r"proto (?P<proto>\w+) spi (?P<spi>0x[0-9a-fA-F]{1,8})(?: reqid \d+)?(?: mode (?P<mode>[\w-]+))?.*")
-_STATE_AEAD = re.compile(rf"aead rfc4106\(gcm\(aes\)\) (?P<key>{_KEY}) 128")
+# `ip -s` prints the SPI and reqid again in parentheses: 0x00001001(4097) reqid 1(0x00000001).
+_STATE_PROTO = re.compile(r"proto (?P<proto>\w+) spi (?P<spi>0x[0-9a-fA-F]{1,8})(?:\(\d+\))?"
+                          r"(?: reqid \d+(?:\(0x[0-9a-fA-F]+\))?)?(?: mode (?P<mode>[\w-]+))?.*")
+# `ip -s` adds the key's size in bits after it.
+_STATE_AEAD = re.compile(rf"aead rfc4106\(gcm\(aes\)\) (?P<key>{_KEY})(?: \(\d+ bits\))? 128")
+_STATE_SEL = re.compile(r"sel src \S+ dst \S+(?: proto (?P<proto>\w+))?(?: sport (?P<sport>\d+))?"
+                        r"(?: dport (?P<dport>\d+))?.*")
+_STATE_MARK = re.compile(r"mark (?P<mark>0x[0-9a-fA-F]{1,8}/0x[0-9a-fA-F]{1,8})")
+_STATE_ADDED = re.compile(r"add (?P<added>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?: use .*)?")
+_PROTOCOLS = {"udp": 17, "gre": 47, "tcp": 6}
 
 
 class SaSpecError(OvsIpsecError):
@@ -41,6 +49,12 @@ class KnownSa:
     src: str | None = None
     dst: str | None = None
     mode: str | None = None
+    # From `ip xfrm state` only: the SA's selector (set_proto_port_transport_sa), its mark, and
+    # when it was added (`ip -s`), which tells the newest SA of a rekeyed pair.
+    sel_proto: int | None = None
+    sel_dport: int | None = None
+    mark: str | None = None
+    added: str | None = None
 
 
 def _spi(text: str) -> int:
@@ -79,23 +93,39 @@ def parse_sa_text(text: str) -> list[KnownSa]:
 
 
 def parse_xfrm_state(text: str) -> list[KnownSa]:
-    """Every ESP SA with an rfc4106(gcm(aes)) key in `ip xfrm state` output."""
+    """Every ESP SA with an rfc4106(gcm(aes)) key in `ip [-s] xfrm state` output."""
     sas = []
-    head = proto = None
+    for block in _blocks(text):
+        head = _STATE_HEAD.fullmatch(block[0])
+        fields: dict = {}
+        for line in block[1:]:
+            for name, pattern in (("proto", _STATE_PROTO), ("aead", _STATE_AEAD), ("sel", _STATE_SEL),
+                                  ("mark", _STATE_MARK), ("added", _STATE_ADDED)):
+                if name not in fields and (match := pattern.fullmatch(line)):
+                    fields[name] = match
+                    break
+        proto, aead, sel = fields.get("proto"), fields.get("aead"), fields.get("sel")
+        if proto is None or proto["proto"] != "esp" or aead is None:
+            continue
+        sas.append(KnownSa(
+            _spi(proto["spi"]), _key(aead["key"]), _address(head["src"]), _address(head["dst"]), proto["mode"],
+            sel_proto=_PROTOCOLS.get(sel["proto"]) if sel and sel["proto"] else None,
+            sel_dport=int(sel["dport"]) if sel and sel["dport"] else None,
+            mark=fields["mark"]["mark"] if "mark" in fields else None,
+            added=fields["added"]["added"] if "added" in fields else None))
+    return sas
+
+
+def _blocks(text: str) -> list[list[str]]:
+    """One list of stripped lines per SA: each starts with its `src A dst B` line."""
+    blocks: list[list[str]] = []
     for raw in text.splitlines():
         line = raw.strip()
-        if match := _STATE_HEAD.fullmatch(line):
-            head, proto = match, None
-            continue
-        if head is None:
-            continue
-        if match := _STATE_PROTO.fullmatch(line):
-            proto = match
-            continue
-        if proto is not None and proto["proto"] == "esp" and (match := _STATE_AEAD.fullmatch(line)):
-            sas.append(KnownSa(_spi(proto["spi"]), _key(match["key"]), _address(head["src"]),
-                               _address(head["dst"]), proto["mode"]))
-    return sas
+        if _STATE_HEAD.fullmatch(line):
+            blocks.append([line])
+        elif blocks and line:
+            blocks[-1].append(line)
+    return blocks
 
 
 def _address(text: str) -> str | None:
