@@ -145,16 +145,22 @@ def iv_for(seq: int) -> bytes:
     return _IV.pack(seq)
 
 
-def seal(cipher: SaCipher, seq: int, iv: bytes, payload: bytes, next_header: int) -> bytes:
-    """ESP header, IV, encrypted payload and trailer, ICV: everything after the IP header."""
+def seal(cipher: SaCipher, seq: int, iv: bytes, payload: bytes, next_header: int, seq_hi: int | None = None) -> bytes:
+    """ESP header, IV, encrypted payload and trailer, ICV: everything after the IP header.
+
+    `seq_hi`: the high 32 bits of an extended sequence number (RFC 4303 2.2.1); they are not
+    sent, only authenticated (RFC 4106 section 5: AAD = SPI || seq high || seq low). The
+    datapath does not use ESN; pcap-decrypt needs it for SAs that negotiated it.
+    """
     if not 0 < seq <= MAX_SEQ:
         raise ValueError("sequence numbers run from 1 to 2^32-1")
     if len(iv) != IV_LEN:
         raise ValueError("the explicit IV is 8 bytes")
     header = cipher.header_prefix + seq.to_bytes(4, "big")
+    aad = header if seq_hi is None else cipher.header_prefix + seq_hi.to_bytes(4, "big") + header[4:]
     pad = -(len(payload) + TRAILER_LEN) % ALIGNMENT
     plaintext = payload + _PADDING[pad] + bytes((pad, next_header))
-    return header + iv + cipher.aead.encrypt(cipher.key.salt + iv, plaintext, header)
+    return header + iv + cipher.aead.encrypt(cipher.key.salt + iv, plaintext, aad)
 
 
 def peek(packet: bytes) -> tuple[int, int]:
@@ -164,15 +170,16 @@ def peek(packet: bytes) -> tuple[int, int]:
     return _HEADER.unpack_from(packet)
 
 
-def open_esp(cipher: SaCipher, packet: bytes) -> Opened:
-    """Verify and decrypt one ESP packet (SPI to ICV) of this SA; raise an EspError otherwise."""
+def open_esp(cipher: SaCipher, packet: bytes, seq_hi: int | None = None) -> Opened:
+    """Verify and decrypt one ESP packet (SPI to ICV) of this SA; raise an EspError otherwise.
+    `seq_hi`: see seal()."""
     spi, seq = peek(packet)
     if spi != cipher.spi:
         raise MalformedEsp(f"SPI 0x{spi:08x} is not this SA's 0x{cipher.spi:08x}")
     iv = packet[ESP_HEADER_LEN:ESP_HEADER_LEN + IV_LEN]
+    aad = packet[:ESP_HEADER_LEN] if seq_hi is None else packet[:4] + seq_hi.to_bytes(4, "big") + packet[4:8]
     try:
-        plaintext = cipher.aead.decrypt(cipher.key.salt + iv, packet[ESP_HEADER_LEN + IV_LEN:],
-                                        packet[:ESP_HEADER_LEN])
+        plaintext = cipher.aead.decrypt(cipher.key.salt + iv, packet[ESP_HEADER_LEN + IV_LEN:], aad)
     except InvalidTag:
         raise AuthenticationFailed(f"ICV check failed (SPI 0x{spi:08x}, seq {seq})") from None
     pad, next_header = plaintext[-2], plaintext[-1]

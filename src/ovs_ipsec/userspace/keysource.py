@@ -42,6 +42,12 @@ def tunnels_from_kernel(ike: tuple[IkeTunnel, ...], sas: list[KnownSa]) -> tuple
         out = [sa for sa in sas if _matches(sa, local, remote, tunnel)]
         into = [sa for sa in sas if _matches(sa, remote, local, tunnel)]
         live = [sa for sa in out + into if sa.mark is None]
+        esn = [sa for sa in out + into if sa.esn]
+        if esn:
+            waiting.append(Invalid(tunnel.name, (
+                f"tunnel {tunnel.name}: the kernel's SA 0x{esn[0].spi:08x} for it uses extended sequence numbers, "
+                "which userspace ESP does not implement: leave esn out of the ESP proposals")))
+            continue
         if live:
             waiting.append(Invalid(tunnel.name, (
                 f"tunnel {tunnel.name}: the kernel's SA 0x{live[0].spi:08x} for it is live (no mark): the IKE "

@@ -227,13 +227,14 @@ def _decrypt_one(index: int, time: float, src: str, dst: str, payload: bytes, fr
     base = {"index": index, "time": time, "src": src, "dst": dst, "spi": spi, "seq": seq}
     if fragment:
         return Decoded(**base, status="fragment", summary="IP fragment (not reassembled)")
-    candidates = [c for c, sa in ciphers.get(spi, []) if sa.dst in (None, dst)]
+    candidates = [(c, sa) for c, sa in ciphers.get(spi, []) if sa.dst in (None, dst)]
     if not candidates:
         return Decoded(**base, status="unknown_spi", summary="no key for this SPI")
     status = "malformed"
-    for cipher in candidates:
+    for cipher, sa in candidates:
         try:
-            opened = esp.open_esp(cipher, payload)
+            # ESN: the high half is not on the wire; 0 holds for the first 2^32 packets of an SA.
+            opened = esp.open_esp(cipher, payload, seq_hi=0 if sa.esn else None)
         except EspError as exc:
             status = exc.counter
             continue

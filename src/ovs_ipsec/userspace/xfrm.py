@@ -35,6 +35,7 @@ _STATE_SEL = re.compile(r"sel src \S+ dst \S+(?: proto (?P<proto>\w+))?(?: sport
                         r"(?: dport (?P<dport>\d+))?.*")
 _STATE_MARK = re.compile(r"mark (?P<mark>0x[0-9a-fA-F]{1,8}/0x[0-9a-fA-F]{1,8})")
 _STATE_ADDED = re.compile(r"add (?P<added>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?: use .*)?")
+_STATE_FLAGS = re.compile(r"replay-window \d+.*?\bflag\b(?P<flags>[^(]*).*")
 _PROTOCOLS = {"udp": 17, "gre": 47, "tcp": 6}
 
 
@@ -55,6 +56,7 @@ class KnownSa:
     sel_dport: int | None = None
     mark: str | None = None
     added: str | None = None
+    esn: bool = False  # extended sequence numbers (`flag esn`): the AAD carries the high 32 bits
 
 
 def _spi(text: str) -> int:
@@ -100,7 +102,7 @@ def parse_xfrm_state(text: str) -> list[KnownSa]:
         fields: dict = {}
         for line in block[1:]:
             for name, pattern in (("proto", _STATE_PROTO), ("aead", _STATE_AEAD), ("sel", _STATE_SEL),
-                                  ("mark", _STATE_MARK), ("added", _STATE_ADDED)):
+                                  ("mark", _STATE_MARK), ("added", _STATE_ADDED), ("flags", _STATE_FLAGS)):
                 if name not in fields and (match := pattern.fullmatch(line)):
                     fields[name] = match
                     break
@@ -112,7 +114,8 @@ def parse_xfrm_state(text: str) -> list[KnownSa]:
             sel_proto=_PROTOCOLS.get(sel["proto"]) if sel and sel["proto"] else None,
             sel_dport=int(sel["dport"]) if sel and sel["dport"] else None,
             mark=fields["mark"]["mark"] if "mark" in fields else None,
-            added=fields["added"]["added"] if "added" in fields else None))
+            added=fields["added"]["added"] if "added" in fields else None,
+            esn="flags" in fields and "esn" in fields["flags"]["flags"].split()))
     return sas
 
 

@@ -163,3 +163,22 @@ def test_the_cli_prints_lines_and_json(tmp_path, capsys):
     assert document["counts"]["decrypted"] == 1 and document["packets"][0]["inner"]["kind"] == "icmp-echo-request"
     assert main(["pcap-decrypt", str(tmp_path / "c.pcap")]) == 1
     assert "no SA given" in capsys.readouterr().err
+
+
+def test_esn_sas_from_ip_xfrm_state_decrypt_with_the_high_half_in_the_aad():
+    """LibreSwan negotiates ESN by default (`flag esn`): the AAD is SPI || seq high || seq low."""
+    sa = cipher()
+    sealed = esp.seal(sa, 1, esp.iv_for(1), vxlan(inner_frame()), 17, seq_hi=0)
+    frame = MAC_2 + MAC_1 + frames.ETHERTYPE_IPV4 + frames.ipv4_header(0, 20 + len(sealed), 0, 0, 64, 50, OUTER_A,
+                                                                        OUTER_B) + sealed
+    state = f"""src 10.0.0.1 dst 10.0.0.2
+\tproto esp spi 0x00001001(4097) reqid 16389(0x00004005) mode transport
+\treplay-window 0 seq 0x00000000 flag esn (0x10000000)
+\taead rfc4106(gcm(aes)) {KEY} (160 bits) 128
+\tsel src 10.0.0.1/32 dst 10.0.0.2/32 proto gre uid 0
+"""
+    (known,) = parse_sa_text(state)
+    assert known.esn and known.sel_proto == 47
+    assert pcap.decrypt_capture(pcap_file([frame]), [known]).counts["decrypted"] == 1
+    without_esn = KnownSa(known.spi, known.key)
+    assert pcap.decrypt_capture(pcap_file([frame]), [without_esn]).esp[0].status == "auth_failed"
