@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ovs_ipsec.sandbox import Sandbox
+from testsupport.sandbox import Sandbox
 
 
 def pytest_collection_modifyitems(items):

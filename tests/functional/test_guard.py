@@ -1,6 +1,6 @@
 """The plaintext guard on a real kernel: tcpdump on the underlay is the judge.
 
-Hosts are network namespaces (ovs_ipsec.sandbox). Senders are small Python processes in a host's
+Hosts are network namespaces (testsupport). Senders are small Python processes in a host's
 namespace writing tunnel-shaped packets (UDP to the tunnel port, raw GRE) from marked or unmarked
 sockets, as the kernel datapath would with or without an OpenFlow pkt_mark. This kernel has no
 ESP, so no CHILD_SA ever exists: every tunnel packet must be held or dropped, and the capture
@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from tunnels import add_pair, add_tunnel, charon_conns
+from testsupport.tunnels import add_pair, add_tunnel, charon_conns
 from ovs_ipsec.guard.policy import GUARD_PRIORITY
-from ovs_ipsec.sandbox import wait_for
+from testsupport.procs import wait_for
 
 LET_THROUGH_SPORT = 40001  # the sender the mode lets through (marked in 0/1, unmarked in 1/1)
 
@@ -207,7 +207,7 @@ def test_no_plaintext_leaves_through_restarts_and_changes(guarded_hosts, sandbox
     other = Program(started, a, SENDER, 4, b.address, "9999", guarded_mark, 0)  # not a tunnel port
     receiver = Program(started, b, RECEIVER, 4, "9999")
     try:
-        a.wait_state("gnv", "established", timeout=30)  # IKE is never blocked
+        a.wait_ike_up("gnv", timeout=30)  # IKE is never blocked
 
         a.stop_monitor(hard=True)  # kill -9: the policies stay in the kernel
         time.sleep(1)
@@ -220,11 +220,11 @@ def test_no_plaintext_leaves_through_restarts_and_changes(guarded_hosts, sandbox
         assert charon_policies(a) == []
         a.start_charon()
         wait_for(lambda: charon_conns(a) == conns, 30, what="connections reloaded into the new charon")
-        a.wait_state("gnv", "established", timeout=60)
+        a.wait_ike_up("gnv", timeout=60)
 
         a.vsctl("del-port", "gnv")  # charon's policies for it go; its traffic must not
         add_pair(a, b, "gre", "gre", psk="swordfish")
-        a.wait_state("gre", "established", timeout=30)
+        a.wait_ike_up("gre", timeout=30)
         wait_for(lambda: a.tunnel("gnv") is None, 10, what="gnv removed")
 
         a.stop_ovsdb()
@@ -246,8 +246,8 @@ def test_no_plaintext_leaves_through_restarts_and_changes(guarded_hosts, sandbox
     assert received.get(a.address, 0) > 50 and other_counts["refused"] == 0  # non-tunnel traffic flows
     assert subprocess.run(a.netns("ping", "-c1", "-W2", b.address), capture_output=True).returncode == 0
     assert any(".500 > " in line for line in lines)  # IKE on the wire
-    b.wait_state("gre", "established", timeout=30)
-    assert a.tunnel("gre")["state"] == "established"
+    b.wait_ike_up("gre", timeout=30)
+    assert a.tunnel("gre")["ike_sas"] > 0
 
 
 def test_inbound_plaintext_from_an_ipsec_peer_is_dropped_without_the_ike_daemon(sandbox, started):

@@ -88,6 +88,8 @@ def run_monitor(args: argparse.Namespace) -> int:
     from ..backends.strongswan.backend import StrongSwanBackend
     from ..daemon.loop import Monitor, Wakeup
     from ..daemon.reconciler import Reconciler
+    from ..daemon.worker import Worker
+    from ..daemon.workqueue import WorkQueue
     from ..guard.enforcer import PlaintextGuard
     from ..guard.xfrm import XfrmPolicyInstaller
     from ..ovsdb.reader import OvsdbReader
@@ -115,10 +117,12 @@ def run_monitor(args: argparse.Namespace) -> int:
         else:
             backend = StrongSwanBackend(vici_uri, timeout=min(float(args.command_timeout), 30.0))
         wakeup = Wakeup()
-        reconciler = Reconciler(backend, CertificateInspector(), resync_interval=args.resync_interval,
-                                events=events, on_publish=wakeup.notify,
-                                guard=PlaintextGuard(XfrmPolicyInstaller(timeout=float(min(args.command_timeout, 30)))))
-        Monitor(reader, reconciler, args.unixctl, wakeup=wakeup, metrics_server=metrics).run()
+        queue = WorkQueue(args.resync_interval)
+        guard = PlaintextGuard(XfrmPolicyInstaller(timeout=float(min(args.command_timeout, 30))))
+        reconciler = Reconciler(backend, CertificateInspector(), queue, events=events, guard=guard,
+                                on_publish=wakeup.notify)
+        worker = Worker(reconciler, queue, backend, clock=time.time)
+        Monitor(reader, worker, args.unixctl, wakeup=wakeup, metrics_server=metrics).run()
     except OvsIpsecError as exc:
         print(f"{MONITOR_PROGRAM}: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from ..ovsdb.reader import OvsdbReader
 from ..ovsdb.writer import InterfaceStatusWriter
 from ..status.metrics import MetricsServer, render_metrics
 from ..status.render import render_json, render_show
-from .reconciler import Reconciler
+from .worker import Worker
 
 log = logging.getLogger("ovs_ipsec.monitor")
 
@@ -59,24 +59,29 @@ class Wakeup:
 
 
 class Monitor:
-    def __init__(self, reader: OvsdbReader, reconciler: Reconciler, unixctl_path: str | None,
+    def __init__(self, reader: OvsdbReader, worker: Worker, unixctl_path: str | None,
                  wakeup: Wakeup | None = None, metrics_server: MetricsServer | None = None) -> None:
         self._reader = reader
-        self._reconciler = reconciler
+        self._worker = worker
         self._exiting = False
         self._cleanup_on_exit = False
-        # Observability: the status write-back (woken through `wakeup`, which the reconciler
+        # Observability: the status write-back (woken through `wakeup`, which the worker
         # notifies on each new snapshot) and the optional metrics listener.
         self._wakeup = wakeup or Wakeup()
         self._status_writer = InterfaceStatusWriter(reader.idl)
         self._metrics_server = metrics_server
         self._register_commands()
-        error, self._server = ovs.unixctl.server.UnixctlServer.create(unixctl_path, version=__version__)
+        # Mode 0700 whatever the daemon's umask: anyone who can connect can call `exit`.
+        previous_umask = os.umask(0o077)
+        try:
+            error, self._server = ovs.unixctl.server.UnixctlServer.create(unixctl_path, version=__version__)
+        finally:
+            os.umask(previous_umask)
         if error:
             raise OvsIpsecError(f"could not create the unixctl socket {unixctl_path or '(default)'}")
 
     def run(self) -> None:
-        self._reconciler.start()
+        self._worker.start()
         if self._metrics_server is not None:
             self._metrics_server.start(self.metrics_text)
         try:
@@ -85,9 +90,9 @@ class Monitor:
                 if self._exiting:
                     break
                 if self._reader.run():
-                    self._reconciler.submit(self._reader.snapshot())
+                    self._worker.submit(self._reader.snapshot())
                 self._wakeup.drain()
-                self._status_writer.run(self._reconciler.snapshot)
+                self._status_writer.run(self._worker.snapshot)
                 poller = ovs.poller.Poller()
                 self._server.wait(poller)
                 self._reader.wait(poller)
@@ -105,7 +110,7 @@ class Monitor:
 
     def metrics_text(self) -> str:
         """The Prometheus text; safe from any thread (the snapshot is immutable)."""
-        return render_metrics(self._reconciler.snapshot, self._reconciler.queue_depth(), time.time())
+        return render_metrics(self._worker.snapshot, self._worker.queue_depth(), time.time())
 
     # -- unixctl ---------------------------------------------------------------------------------
 
@@ -120,18 +125,18 @@ class Monitor:
         if argv and argv != ["--json"]:
             conn.reply_error(f"unrecognized parameter: {argv[0]} (usage: tunnels/show [--json])")
             return
-        snapshot = self._reconciler.snapshot
+        snapshot = self._worker.snapshot
         conn.reply(render_json(snapshot) if argv else render_show(snapshot))
 
     def _ipsec_status(self, conn, _argv, _aux) -> None:
-        conn.reply(render_json(self._reconciler.snapshot))
+        conn.reply(render_json(self._worker.snapshot))
 
     def _metrics_show(self, conn, _argv, _aux) -> None:
         conn.reply(self.metrics_text())
 
     def _refresh(self, conn, _argv, _aux) -> None:
         started = time.monotonic()
-        if self._reconciler.refresh(timeout=REFRESH_WAIT_SECONDS):
+        if self._worker.refresh(timeout=REFRESH_WAIT_SECONDS):
             conn.reply(f"refreshed in {time.monotonic() - started:.2f} s\n")
         else:
             conn.reply(f"refresh still running after {REFRESH_WAIT_SECONDS:.0f} s; see the log\n")
@@ -143,7 +148,7 @@ class Monitor:
             return
         cleanup = not argv
         log.info("exiting%s", " and removing every connection we created" if cleanup else " (no cleanup)")
-        self._reconciler.stop(cleanup=cleanup)
+        self._worker.stop(cleanup=cleanup)
         self._exiting = True
         self._cleanup_on_exit = cleanup
         conn.reply(None)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BackendError, OvsIpsecError
-from .render import FILE_HEADER, OWNER_PREFIX
+from .render import FILE_HEADER, OWNER_PREFIX, PEERING_NAME
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ConnFiles:
         conf, secrets = set(), set()
         for entry in entries:
             stem, ext = os.path.splitext(entry)
-            if stem.startswith(OWNER_PREFIX) and ext in (".conf", ".secrets"):
+            if PEERING_NAME.fullmatch(stem) and ext in (".conf", ".secrets"):
                 (conf if ext == ".conf" else secrets).add(stem)
         return conf, secrets
 

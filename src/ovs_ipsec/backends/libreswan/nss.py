@@ -16,7 +16,7 @@ import shutil
 import tempfile
 
 from ...errors import BackendError, CommandError
-from ...runner import run
+from ...runner import Runner, run
 from . import parse
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ TRUST_CA = "CT,,"
 
 
 class NssDatabase:
-    def __init__(self, directory: str, timeout: float) -> None:
+    def __init__(self, directory: str, timeout: float, run: Runner = run) -> None:
+        self._command = run
         self.directory = directory
         self._db = f"sql:{directory}"
         self._timeout = timeout
@@ -34,7 +35,7 @@ class NssDatabase:
 
     def _run(self, what: str, argv: list[str], input_text: str | None = None, check: bool = True):
         try:
-            return run(argv, timeout=self._timeout, input_text=input_text, check=check)
+            return self._command(argv, timeout=self._timeout, input_text=input_text, check=check)
         except CommandError as exc:
             raise BackendError(f"NSS database {self.directory}: cannot {what}: {exc}") from exc
 

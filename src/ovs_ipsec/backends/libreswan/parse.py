@@ -25,6 +25,7 @@ from .render import ANCHOR, split_name
 INCOMPLETE = "(anchor or file missing)"  # a pseudo-child: forces a reload of the peering
 
 _CODE = re.compile(r"^\d{3} ")
+NICKNAME = re.compile(r"ovsipsec-(?:key|peer|ca)-[0-9a-f]{16}")
 _VERSION = re.compile(r"Libreswan\s+U?v?(\d+)\.(\d+)")
 _CONN_LINE = re.compile(r'^"(?P<name>[^"]+)"(?:\[\d+\])?:\s')
 _STATE_LINE = re.compile(r'^#(?P<serial>\d+): "(?P<name>[^"]+)"(?:\[\d+\])?(?P<rest>.*)$')
@@ -184,7 +185,7 @@ def nss_nicknames(certutil_list: str) -> set[str]:
     names = set()
     for line in certutil_list.splitlines():
         token = line.split(" ", 1)[0]
-        if token.startswith("ovsipsec-"):
+        if NICKNAME.fullmatch(token):
             names.add(token)
     return names
 

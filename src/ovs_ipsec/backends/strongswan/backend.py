@@ -13,8 +13,10 @@ import vici
 import vici.exception
 
 from ...errors import BackendError
-from ...model import ObservedState
-from ...planner import Action, Initiate, LoadConn, LoadSecret, Naming, TerminateChild, UnloadConn, UnloadSecret
+from ...model import ObservedState, Tunnel
+from ...planner import (
+    Action, Initiate, LoadConn, LoadSecret, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
+)
 from ..naming import is_ours
 from . import parse, render
 
@@ -41,7 +43,8 @@ class StrongSwanBackend:
         self._stop = threading.Event()
         self._event_socket: socket.socket | None = None
 
-    naming = Naming(conn_name=render.conn_name, secret_id=render.secret_id, child_names=render.child_names)
+    naming = Naming(conn_name=render.conn_name, secret_id=render.secret_id, child_names=render.child_names,
+                    child_owner=render.child_owner)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -136,8 +139,11 @@ class StrongSwanBackend:
         reply = self._call("load-key", lambda s: s.load_key({"type": "any", "data": key_pem.decode()}))
         self._loaded_keys[digest] = parse.load_key_id(reply) or ""
 
-    def cleanup_credentials(self, keep_keys: Collection[bytes]) -> None:
-        keep = {hashlib.sha256(pem).hexdigest() for pem in keep_keys}
+    def not_applicable(self, tunnel: Tunnel) -> tuple[tuple[str, str], ...]:
+        return render.not_applicable(tunnel.options)
+
+    def cleanup_credentials(self, peerings: Collection[Peering]) -> None:
+        keep = {hashlib.sha256(p.tunnels[0].local_key_pem).hexdigest() for p in peerings if p.tunnels[0].local_key_pem}
         for digest, key_id in list(self._loaded_keys.items()):
             if digest not in keep:
                 if key_id:

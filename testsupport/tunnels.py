@@ -70,7 +70,7 @@ def connect_with_certificates(a, b, folder: Path, tunnel_type: str, ca: bool) ->
         auth = {"remote_name": peer_name} if ca else {"remote_cert": f"{folder}/{peer_name}-cert.pem"}
         add_tunnel(host, peer, "tun", tunnel_type, **auth)
     for host, peer_name in ((a, "hostB"), (b, "hostA")):
-        tunnel = host.wait_state("tun", "established")
+        tunnel = host.wait_ike_up("tun")
         assert tunnel["auth"] == ("ca-cert" if ca else "peer-cert")
         if ca:
             assert tunnel["remote_name"] == peer_name

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from builders import desired, row
-from golden import assert_golden
+from testsupport.builders import desired, row
+from testsupport.golden import assert_golden
 from ovs_ipsec.backends.naming import is_ours
 from ovs_ipsec.backends.strongswan import render
 from ovs_ipsec.model import AuthMethod, Tunnel, TunnelType

@@ -21,8 +21,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runner import run
-from .sandbox import Host, Sandbox, _kill_pid, _kill_pidfile, _read_pid, wait_for
+from ovs_ipsec.runner import run
+
+from .procs import kill_pid, kill_pidfile, read_pid, wait_for
+from .sandbox import Host, Sandbox
 
 NB_SCHEMA = "/usr/share/ovn/ovn-nb.ovsschema"
 SB_SCHEMA = "/usr/share/ovn/ovn-sb.ovsschema"
@@ -81,7 +83,7 @@ class OvnCentral:
 
     def stop(self) -> None:
         for name in ("ovn-northd", "ovnsb_db", "ovnnb_db"):
-            _kill_pidfile(self.workdir / f"{name}.pid")
+            kill_pidfile(self.workdir / f"{name}.pid")
 
 
 @dataclass
@@ -114,11 +116,11 @@ class Chassis:
                                        "--detach", "--no-chdir", f"--log-file={d}/ovn-controller.log",
                                        "-vconsole:off"),
                        env=env, check=True, timeout=30, stderr=subprocess.DEVNULL)
-        self.controller_pid = _read_pid(d / "ovn-controller.pid")
+        self.controller_pid = read_pid(d / "ovn-controller.pid")
 
     def stop_ovn_controller(self) -> None:
         if self.controller_pid is not None:
-            _kill_pid(self.controller_pid, signal.SIGTERM)
+            kill_pid(self.controller_pid, signal.SIGTERM)
             self.controller_pid = None
 
     def interfaces(self) -> dict[str, dict]:

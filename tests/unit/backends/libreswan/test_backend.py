@@ -8,9 +8,8 @@ import threading
 
 import pytest
 
-from builders import desired, row
-from golden import GOLDEN_DIR
-from ovs_ipsec.backends.libreswan import backend as backend_module
+from testsupport.builders import desired, row
+from testsupport.golden import GOLDEN_DIR
 from ovs_ipsec.backends.libreswan import render
 from ovs_ipsec.backends.libreswan.backend import LibreSwanBackend
 from ovs_ipsec.backends.libreswan.files import Paths
@@ -30,10 +29,14 @@ class FakeIpsec:
         self.status = ""
         self.version = "Libreswan 4.10\n"
         self.answers: dict[str, Completed] = {}
+        self.intercept = lambda argv, timeout: None  # a test's own answer first (may raise)
 
     def __call__(self, argv, timeout=30.0, input_text=None, check=True):
         assert timeout > 0
         self.calls.append(argv)
+        answer = self.intercept(argv, timeout)
+        if answer is not None:
+            return answer
         if argv[1:] == ["--version"]:
             return Completed(self.version, "")
         verb = argv[4] if argv[1] == "whack" else argv[1]
@@ -50,10 +53,8 @@ class FakeIpsec:
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    fake = FakeIpsec()
-    monkeypatch.setattr(backend_module, "run", fake)
-    return fake
+def fake():
+    return FakeIpsec()
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def paths(tmp_path):
 
 @pytest.fixture
 def lsw(fake, paths):
-    return LibreSwanBackend(paths)
+    return LibreSwanBackend(paths, run=fake)
 
 
 def peering_of(lsw, *rows):
@@ -158,7 +159,7 @@ def test_secrets_are_private_and_reread_once_per_batch_when_they_change(fake, ls
     lsw.apply(LoadSecret(peering))
     path = os.path.join(paths.conn_dir, f"{peering.secret_id}.secrets")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert 'PSK "swordfish"' in open(path).read()
+    assert "PSK 0sc3dvcmRmaXNo" in open(path).read()
     assert not [name for name in os.listdir(paths.conn_dir) if name.endswith(".tmp")]
     assert rereads(fake) == 0  # deferred to the end of the batch
     lsw.flush()
@@ -182,6 +183,7 @@ def test_a_batch_of_many_secrets_costs_pluto_one_reread(fake, lsw):
 
 def test_unload_deletes_children_then_the_anchor_and_the_file(fake, lsw, paths):
     peering = peering_of(lsw, row("gnv0", "geneve", **PSK))
+    lsw.observe()
     lsw.apply(LoadConn(peering))
     fake.calls.clear()
     lsw.apply(UnloadConn(peering.conn_name))
@@ -192,7 +194,7 @@ def test_unload_deletes_children_then_the_anchor_and_the_file(fake, lsw, paths):
 
 
 def test_main_files_are_written_when_missing_and_left_alone_when_foreign(fake, paths):
-    LibreSwanBackend(paths).observe()
+    LibreSwanBackend(paths, run=fake).observe()
     conf, secrets = open(paths.conf).read(), open(paths.secrets).read()
     assert conf.startswith(render.FILE_HEADER) and "config setup" in conf
     assert f"include {paths.conn_dir}/ovsipsec-*.conf" in conf
@@ -200,13 +202,13 @@ def test_main_files_are_written_when_missing_and_left_alone_when_foreign(fake, p
     assert stat.S_IMODE(os.stat(paths.secrets).st_mode) == 0o600
     with open(paths.conf, "w") as handle:
         handle.write("config setup\n    uniqueids=yes\n")  # the operator's own
-    LibreSwanBackend(paths).observe()
+    LibreSwanBackend(paths, run=fake).observe()
     assert open(paths.conf).read() == "config setup\n    uniqueids=yes\n"
 
 
 def test_sub_config_mode_writes_only_the_include(fake, tmp_path):
     paths = Paths.from_flags(str(tmp_path), ipsec_conf="/etc/ipsec.d/ovs.conf", root_ipsec_conf="/etc/ipsec.conf")
-    LibreSwanBackend(paths).observe()
+    LibreSwanBackend(paths, run=fake).observe()
     text = open(paths.conf).read()
     assert "config setup" not in text and "include " in text
 
@@ -243,7 +245,7 @@ def test_a_pluto_restart_is_reported_as_a_full_resync(fake, tmp_path):
     paths = Paths.from_flags(str(tmp_path))
     os.makedirs(os.path.dirname(paths.ctl))
     open(paths.ctl, "w").close()
-    lsw = LibreSwanBackend(paths, poll_interval=0.02)
+    lsw = LibreSwanBackend(paths, poll_interval=0.02, run=fake)
     calls, restarted = [], threading.Event()
 
     def on_change(names):
@@ -267,7 +269,7 @@ def test_a_pluto_restart_is_reported_as_a_full_resync(fake, tmp_path):
         lsw.close()
 
 
-def test_a_private_key_reaches_nss_only_through_a_private_short_lived_file(monkeypatch, tmp_path):
+def test_a_private_key_reaches_nss_only_through_a_private_short_lived_file(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -291,8 +293,7 @@ def test_a_private_key_reaches_nss_only_through_a_private_short_lived_file(monke
             return Completed("".join(present), "", 0 if present else 255)
         return Completed("", "")
 
-    monkeypatch.setattr(nss, "run", fake_run)
-    nss.NssDatabase(str(tmp_path), 10).ensure("ovsipsec-key-0123456789abcdef", cert_pem, "u,u,u", key_pem)
+    nss.NssDatabase(str(tmp_path), 10, fake_run).ensure("ovsipsec-key-0123456789abcdef", cert_pem, "u,u,u", key_pem)
     ((path, folder_mode, file_mode, bundle, password),) = seen
     assert folder_mode == 0o700 and file_mode == 0o600
     assert "ovsipsec-key" not in path  # not a predictable name
@@ -300,19 +301,24 @@ def test_a_private_key_reaches_nss_only_through_a_private_short_lived_file(monke
     assert password and b"PRIVATE KEY" not in bundle and key_pem not in bundle  # encrypted PKCS#12
 
 
-def test_nss_cleanup_keeps_what_our_files_use_and_never_touches_foreign_entries(monkeypatch, fake, paths):
-    from ovs_ipsec.backends.libreswan import nss
+def test_nss_cleanup_keeps_what_the_peerings_in_force_use_and_never_touches_foreign_entries(paths):
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    used, unused = "ovsipsec-ca-00000000000000aa", "ovsipsec-peer-00000000000000bb"
-    os.makedirs(paths.conn_dir)
+    from ovs_ipsec.model import AuthMethod, Tunnel, TunnelType
+    from ovs_ipsec.planner import Peering
+
+    tunnel = Tunnel("t", TunnelType.GENEVE, "10.0.0.2", "10.0.0.1", 4, AuthMethod.CA_CERT, 6081,
+                    local_name="a", remote_name="b", local_cert_pem=_self_signed(ec.generate_private_key(ec.SECP256R1())),
+                    ca_cert_pem=_self_signed(ec.generate_private_key(ec.SECP256R1())))
+    local, _peer, ca = render.nss_names(tunnel)
+    unused = "ovsipsec-peer-00000000000000bb"
     os.makedirs(paths.nss_dir)
-    with open(os.path.join(paths.conn_dir, "ovsipsec-10.0.0.2-0123456789.conf"), "w") as handle:
-        handle.write(f"# nss: {used}\n")
     deleted = []
 
     def fake_run(argv, timeout=30.0, input_text=None, check=True):
         if argv[:2] == ["certutil", "-L"] and "-n" not in argv:
-            return Completed(f"{used}  CT,,\n{unused}  P,P,P\noperator-ca  CT,,\n", "")
+            return Completed(f"{local}  u,u,u\n{ca}  CT,,\n{unused}  P,P,P\noperator-ca  CT,,\n"
+                             "ovsipsec-peer-0000000000000bb%0a  P,P,P\n", "")
         if argv[:2] == ["certutil", "-L"]:
             name = argv[argv.index("-n") + 1]
             return Completed("" if name in deleted else "-----BEGIN CERTIFICATE-----\nAA\n-----END CERTIFICATE-----\n", "")
@@ -320,8 +326,8 @@ def test_nss_cleanup_keeps_what_our_files_use_and_never_touches_foreign_entries(
             deleted.append(argv[argv.index("-n") + 1])
         return Completed("", "")
 
-    monkeypatch.setattr(nss, "run", fake_run)
-    LibreSwanBackend(paths).cleanup_credentials(())
+    backend = LibreSwanBackend(paths, run=fake_run)
+    backend.cleanup_credentials([Peering("ovsipsec-10.0.0.2-0123456789", None, (tunnel,), (), True)])
     assert deleted == [unused]
 
 
@@ -340,17 +346,16 @@ def _self_signed(key) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def test_a_stuck_command_fails_only_its_own_connection(monkeypatch, fake, lsw):
+def test_a_stuck_command_fails_only_its_own_connection(fake, lsw):
     from ovs_ipsec.errors import CommandError
 
     peering = peering_of(lsw, row("gnv0", "geneve", **PSK))
 
-    def stuck(argv, timeout=30.0, input_text=None, check=True):
+    def stuck(argv, timeout):
         if argv[1] == "addconn":
             raise CommandError(argv, f"timed out after {timeout:g} s")
-        return FakeIpsec.__call__(fake, argv, timeout, input_text, check)
 
-    monkeypatch.setattr(backend_module, "run", stuck)
+    fake.intercept = stuck
     with pytest.raises(BackendError) as error:
         lsw.apply(LoadConn(peering))
     assert not error.value.transport and "timed out" in str(error.value)  # backoff for this one only

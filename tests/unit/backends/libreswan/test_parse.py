@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import pytest
 
-from golden import GOLDEN_DIR, assert_golden
+from testsupport.golden import GOLDEN_DIR, assert_golden
 from ovs_ipsec.backends.libreswan import parse, render
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 import shutil
 import subprocess
 import time
@@ -106,6 +107,43 @@ def test_special_files_are_refused_without_blocking(tmp_path, inspector):
     os.mkfifo(fifo)
     assert inspector.cert(str(fifo)).error == f"cannot read {fifo}: not a regular file"
     assert inspector.key("/dev/zero").error == "cannot read /dev/zero: not a regular file"
+
+
+@pytest.mark.parametrize("path", ["/proc/kmsg", "/proc/self/status", "/sys/kernel/uevent_seqnum"])
+def test_kernel_interface_files_are_refused_without_reading(path, inspector):
+    # /proc/kmsg is a regular file of size 0 whose read() blocks until the kernel logs something.
+    done = threading.Event()
+    result = []
+    threading.Thread(target=lambda: (result.append(inspector.cert(path)), done.set()), daemon=True).start()
+    assert done.wait(5), f"reading {path} blocked"
+    assert result[0].error.startswith(f"cannot read {path}: ")
+
+
+def test_an_empty_file_is_refused(tmp_path, inspector):
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    assert inspector.cert(str(empty)).error == f"cannot read {empty}: the file is empty"
+
+
+def test_the_cache_holds_only_the_files_in_use(tmp_path, inspector):
+    write_cert(tmp_path / "host.pem", build("host")[0])
+    os.utime(tmp_path / "host.pem", (0, 0))  # settled: cacheable
+    spellings = [f"{tmp_path}{'/.' * i}/host.pem" for i in range(50)]
+    for spelling in spellings:
+        inspector.cert(spelling)
+    assert len(inspector._certs) == 50
+    inspector.retain(spellings[:1])
+    assert set(inspector._certs) == {spellings[0]}
+
+
+def test_only_the_certificate_reaches_the_facts_not_the_rest_of_the_file(tmp_path, inspector):
+    cert, key = build("host")
+    write_key(tmp_path / "key.pem", key)
+    path = tmp_path / "bundle.pem"
+    path.write_bytes(b"comment line\n" + cert.public_bytes(serialization.Encoding.PEM)
+                     + (tmp_path / "key.pem").read_bytes())
+    facts = inspector.cert(str(path))
+    assert facts.error is None and b"PRIVATE KEY" not in facts.pem and b"comment" not in facts.pem
 
 
 def test_garbage_file(tmp_path, inspector):

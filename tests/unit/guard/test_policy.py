@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from builders import desired, row
+from testsupport.builders import desired, row
 from ovs_ipsec.guard.policy import (
     GUARD_PRIORITY, OWNED_PRIORITIES, GuardPolicy, InstalledPolicy, guard_policies, mark_in_force, plan_changes,
 )
-from ovs_ipsec.model import SkbMark
+from ovs_ipsec.model import GlobalConfig, SkbMark
 from ovs_ipsec.validate import CertificateFacts, parse_skb_mark, validate
+from ovs_ipsec.validate.guard import guard_config
 
 ZERO, ONE = SkbMark(0, 1), SkbMark(1, 1)
 V4, V6 = "0.0.0.0/0", "::/0"
@@ -73,7 +74,7 @@ def test_any_value_and_mask_is_the_outbound_selector_and_mask_0_selects_every_pa
 def test_ports_of_non_ipsec_tunnels_are_guarded_outbound_only():
     plain = (row("plain", "vxlan", remote_ip="10.0.0.9", dst_port="9999"), row("br", "internal"),
              row("bad", "geneve", remote_ip="10.0.0.9", dst_port="x"))
-    found = guard_policies(ZERO, (), plain)
+    found = guard_policies(ZERO, (), guard_config(GlobalConfig(), plain).traffic)
     assert found == defaults(ZERO) | {out(V4, "udp", 9999, ZERO), out(V6, "udp", 9999, ZERO)}
 
 

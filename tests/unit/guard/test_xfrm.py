@@ -133,10 +133,15 @@ def test_installer_runs_ip_with_argv_lists():
     run = FakeRun()
     installer = XfrmPolicyInstaller(run=run, timeout=7)
     assert len(installer.list()) == 9
-    installer.run_batch(["xfrm policy deleteall priority 257867777"])
+    installer.run_batch(["xfrm policy add a", "xfrm policy deleteall priority 257867777",
+                         "xfrm policy deleteall dir out index 9 priority 257867777", "xfrm policy delete b"])
     installer.run_batch([])
+    # iproute2 honours only the first deleteall of a process: each runs on its own, after the batch.
     assert run.calls == [(["ip", "-s", "xfrm", "policy", "list"], None),
-                         (["ip", "-batch", "-"], "xfrm policy deleteall priority 257867777\n")]
+                         (["ip", "-batch", "-"], "xfrm policy add a\nxfrm policy delete b\n"),
+                         (["ip", "xfrm", "policy", "deleteall", "priority", "257867777"], None),
+                         (["ip", "xfrm", "policy", "deleteall", "dir", "out", "index", "9", "priority", "257867777"],
+                          None)]
 
 
 def test_run_each_reports_every_refused_line():

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from builders import desired, row
+from testsupport.builders import desired, row
 from ovs_ipsec.backends.strongswan.backend import StrongSwanBackend
 from ovs_ipsec.errors import OvsIpsecError
 from ovs_ipsec.model import GlobalConfig, ObservedSA, ObservedState
@@ -123,8 +123,9 @@ def test_history_counts_rekeys_failures_and_keeps_the_established_time():
 def test_parse_address():
     assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
     assert parse_address("[::1]:9464") == ("::1", 9464)
-    assert parse_address(":9464") == ("", 9464)
-    for bad in ("9464", "host:", "host:http", "host:70000"):
+    assert parse_address(":9464") == ("127.0.0.1", 9464)  # loopback unless an address is named
+    assert parse_address("0.0.0.0:9464") == ("0.0.0.0", 9464)
+    for bad in ("9464", "host:", "host:http", "host:70000", "host:²", "host:9464\n"):
         with pytest.raises(OvsIpsecError):
             parse_address(bad)
 
@@ -138,3 +139,35 @@ def test_server_serves_the_text_on_loopback():
             assert reply.read() == b"ovs_ipsec_ike_daemon_up 1\n"
     finally:
         server.close()
+
+
+def test_the_metrics_server_drops_idle_clients_and_caps_connections(monkeypatch):
+    import socket
+    import time
+
+    from ovs_ipsec.status import metrics
+
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 0.5)
+    server = MetricsServer(("127.0.0.1", 0))
+    server.start(lambda: "ovs_ipsec_up 1\n")
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(metrics.MAX_CONNECTIONS)]
+        over = socket.create_connection(("127.0.0.1", server.port))
+        over.settimeout(2)
+        assert over.recv(1) == b""  # over the cap: closed at once
+        time.sleep(1.0)  # the idle ones time out and free their slots
+        for sock in idle:
+            sock.settimeout(2)
+            assert sock.recv(1) == b""
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        client.settimeout(2)
+        assert b"ovs_ipsec_up 1" in client.makefile("rb").read()
+    finally:
+        server.close()
+
+
+def test_label_values_from_ovsdb_cannot_break_the_exposition_format():
+    from ovs_ipsec.status.metrics import _escape
+
+    assert _escape('a"b\\c\nd\x1b[31m') == 'a\\"b\\\\c\\nd\\\\x1b[31m'

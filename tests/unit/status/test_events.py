@@ -7,7 +7,7 @@ import logging
 import re
 from dataclasses import replace
 
-from builders import desired, row
+from testsupport.builders import desired, row
 from ovs_ipsec.backends.strongswan.backend import StrongSwanBackend
 from ovs_ipsec.model import GlobalConfig, ObservedSA, ObservedState, TunnelState
 from ovs_ipsec.planner import group_peerings
@@ -21,12 +21,14 @@ BAD = row("bad", "geneve", local_ip="10.0.0.1", remote_ip="not-an-address", psk=
 DAY = 86400.0
 
 
-def snapshot(*rows, sas=(), loaded=True, errors=None, previous=None, now=1000.0, certificates=()):
+def snapshot(*rows, sas=(), loaded=True, errors=None, previous=None, now=1000.0, certificates=(), children=True):
+    """`sas`: unique ids of established IKE SAs; `children`: whether they carry the tunnels' child SAs."""
     validated = validate(desired(*rows), CertificateFacts(), now)
     peerings, _ = group_peerings(validated.tunnels, StrongSwanBackend.naming)
     conns = {name: frozenset(c for c, _ in p.children) for name, p in peerings.items()} if loaded else {}
-    observed = ObservedState(conns, frozenset(), {name: tuple(ObservedSA(name, uid, "ESTABLISHED", 3, ())
-                                                              for uid in sas) for name in peerings} if sas else {})
+    observed = ObservedState(conns, frozenset(), {
+        name: tuple(ObservedSA(name, uid, "ESTABLISHED", 3, tuple(c for c, _ in p.children) if children else ())
+                    for uid in sas) for name, p in peerings.items()} if sas else {})
     errors = {name: errors for name in peerings} if errors else {}
     return build_snapshot(validated, peerings, observed, errors, None, GlobalConfig(),
                           previous or StatusSnapshot.empty(), now, certificates=certificates)
@@ -40,17 +42,46 @@ def test_a_tunnel_coming_up_is_one_event_with_where_it_came_from():
     loaded = snapshot(GNV)
     up = snapshot(GNV, sas=["7"], previous=loaded, now=1010)
     assert kinds(events_between(StatusSnapshot.empty(), loaded, 1000)) == ["tunnel_loaded"]
-    (event,) = events_between(loaded, up, 1010)
-    assert event.kind == "tunnel_up" and not event.warning
+    event, all_up = events_between(loaded, up, 1010)
+    assert event.kind == "tunnel_up" and not event.warning and all_up.kind == "all_tunnels_encrypting"
     line = logfmt(event)
     assert line.startswith("event=tunnel_up tunnel=gnv0 state=established from=loaded peer=10.0.0.2 ")
     assert "conn=ovsipsec-" in line and "since=1970-01-01T00:16:50Z" in line and "ike_sas=1" in line
     assert events_between(up, snapshot(GNV, sas=["7"], previous=up, now=1020), 1020) == ()  # nothing changed
 
 
+def test_an_ike_sa_without_child_sas_is_negotiating_not_up():
+    loaded = snapshot(GNV)
+    ike_only = snapshot(GNV, sas=["7"], children=False, previous=loaded, now=1010)
+    (event,) = events_between(loaded, ike_only, 1010)
+    assert event.kind == "tunnel_negotiating"
+    (tunnel,) = ike_only.tunnels
+    assert tunnel.state is TunnelState.NEGOTIATING and not tunnel.encrypting
+    assert tunnel.reason == ("the IKE SA is up; 0 of 2 child SAs installed, so the tunnel's traffic is not "
+                             "encrypted yet")
+    up = snapshot(GNV, sas=["7"], previous=ike_only, now=1020)
+    assert up.tunnels[0].encrypting and kinds(events_between(ike_only, up, 1020)) == [
+        "tunnel_up", "all_tunnels_encrypting"]
+
+
+def test_all_tunnels_encrypting_is_one_line_when_it_starts_and_one_when_it_stops():
+    other = row("gnv1", "geneve", local_ip="10.0.0.1", remote_ip="10.0.0.3", psk=PSK)
+    one_up = snapshot(GNV, row("gnv1", "geneve", local_ip="10.0.0.1", remote_ip="10.0.0.3", psk=PSK), sas=["7"])
+    assert "all_tunnels_encrypting" in kinds(events_between(StatusSnapshot.empty(), one_up, 1000))
+    (line,) = [logfmt(e) for e in events_between(StatusSnapshot.empty(), one_up, 1000)
+               if e.kind == "all_tunnels_encrypting"]
+    assert line == 'event=all_tunnels_encrypting tunnels=2 message="all 2 configured tunnels are encrypting"'
+    down = snapshot(GNV, other, previous=one_up, now=1010)
+    (stopped,) = [e for e in events_between(one_up, down, 1010) if e.kind == "not_all_tunnels_encrypting"]
+    assert stopped.warning and dict(stopped.fields)["not_encrypting"] == "gnv0,gnv1"
+    assert "all_tunnels_encrypting" not in kinds(events_between(one_up, snapshot(GNV, other, sas=["7"],
+                                                                                   previous=one_up), 1020))
+
+
 def test_losing_the_sa_is_a_down_event_and_a_warning():
     up = snapshot(GNV, sas=["7"])
-    (event,) = events_between(up, snapshot(GNV, previous=up, now=1010), 1010)
+    event, not_all = events_between(up, snapshot(GNV, previous=up, now=1010), 1010)
+    assert not_all.kind == "not_all_tunnels_encrypting"
     assert event.kind == "tunnel_down" and event.warning
     assert "from=established" in logfmt(event)
 
