@@ -191,9 +191,10 @@ def _ike_lines(tunnel: Tunnel, style: Style) -> list[tuple[str, str]]:
     if options.ike or not style.default_crypto:
         lines.append(("ike", ",".join(options.ike or (DEFAULT_IKE_PROPOSAL,))))
     lines.append(("dpddelay", _seconds(DEFAULT_DPD_DELAY if options.dpd_delay is None else options.dpd_delay)))
-    if options.dpd_timeout is not None:
+    liveness = options.retransmit_timeout if options.retransmit_timeout is not None else options.dpd_timeout
+    if liveness is not None:
         # IKEv2 liveness gives up after the retransmit timeout; pluto ignores dpdtimeout= for IKEv2.
-        lines.append(("retransmit-timeout", _seconds(options.dpd_timeout)))
+        lines.append(("retransmit-timeout", _seconds(liveness)))
     if options.forceencaps:
         lines.append(("encapsulation", "yes"))
     for key, value in (("ikelifetime", options.ike_lifetime), ("rekeymargin", options.rekey_margin)):
@@ -201,7 +202,7 @@ def _ike_lines(tunnel: Tunnel, style: Style) -> list[tuple[str, str]]:
             lines.append((key, _seconds(value)))
     if options.rekey_fuzz is not None:
         lines.append(("rekeyfuzz", f"{options.rekey_fuzz}%"))
-    for key, flag in (("mobike", options.mobike), ("pfs", options.pfs)):
+    for key, flag in (("mobike", options.mobike), ("pfs", options.pfs), ("nat-keepalive", options.nat_keepalive)):
         if flag is not None:
             lines.append((key, "yes" if flag else "no"))
     if options.fragmentation is not None:
@@ -214,9 +215,12 @@ def _ike_lines(tunnel: Tunnel, style: Style) -> list[tuple[str, str]]:
 
 def not_applicable(options: IkeOptions, style: Style) -> tuple[tuple[str, str], ...]:
     """Options this pluto has no setting for, with the reason status shows."""
+    found = []
     if options.keyingtries is not None and not style.keyingtries:
-        return (("keyingtries", "LibreSwan 5.3 and later retry without a limit (keyingtries is obsolete)"),)
-    return ()
+        found.append(("keyingtries", "LibreSwan 5.3 and later retry without a limit (keyingtries is obsolete)"))
+    if options.dpd_timeout is not None and options.retransmit_timeout is not None:
+        found.append(("dpd_timeout", "pluto's IKEv2 liveness uses retransmit_timeout, which is set too"))
+    return tuple(found)
 
 
 def _auth_lines(tunnel: Tunnel) -> list[tuple[str, str]]:
@@ -245,6 +249,8 @@ def _child_lines(tunnel: Tunnel, selector: Selector | None, style: Style) -> lis
         lines.append(("esp", ",".join(options.esp or (DEFAULT_ESP_PROPOSAL,))))
     if options.sa_lifetime is not None:
         lines.append(("salifetime", _seconds(options.sa_lifetime)))
+    if options.esn is not None:
+        lines.append(("esn", options.esn))
     if options.replay_window is not None:
         lines.append(("replay-window", str(options.replay_window)))
     return lines
