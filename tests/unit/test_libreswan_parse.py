@@ -1,4 +1,4 @@
-"""pluto's output -> observed values, on captured 4.10 output and documented 5.x formats.
+"""pluto's output -> observed values, on captured 4.10 and 5.2 output and documented 5.x formats.
 
 Inputs are golden files (libreswan_SOURCES.md says where each comes from); the parsed result
 is compared with a golden JSON file, so a parser change shows up as a reviewable diff.
@@ -38,7 +38,8 @@ def observed_json(status: str, conn_files=(), secret_files=()) -> dict:
 
 
 @pytest.mark.parametrize("text, expected", [
-    (None, (4, 10)),  # captured `ipsec --version` of Debian 12's package
+    ("libreswan_4.10_version.txt", (4, 10)),  # captured `ipsec --version` of Debian 12's package
+    ("libreswan_5.2_version.txt", (5, 2)),    # and of Debian 13's, in the lab
     ("Libreswan 5.2\n", (5, 2)),
     ("Libreswan v5.3dr1\n", (5, 3)),
     ("Linux Libreswan 3.32 (netkey) on 5.10.0\n", (3, 32)),
@@ -46,7 +47,7 @@ def observed_json(status: str, conn_files=(), secret_files=()) -> dict:
     ("", None),
 ])
 def test_version(text, expected):
-    assert parse.version(read("libreswan_4.10_version.txt") if text is None else text) == expected
+    assert parse.version(read(text) if text.endswith(".txt") else text) == expected
 
 
 @pytest.mark.parametrize("side", ["initiator", "responder"])
@@ -57,6 +58,49 @@ def test_captured_4_10_status(side):
               "states": [asdict(s) for s in parse.states(status)],
               "observed": observed_json(status, files, files)}
     assert_golden(f"libreswan_4.10_status_{side}.parsed.json", as_json(result))
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_captured_5_2_status(side):
+    """Debian 13's pluto 5.2 in the lab (lab/run.sh --golden), a CA-signed VXLAN tunnel carrying ESP."""
+    status = read(f"libreswan_5.2_status_{side}.txt")
+    files = {parts[0] for name in parse.loaded_conns(status) if (parts := render.split_name(name))}
+    result = {"loaded": sorted(parse.loaded_conns(status)),
+              "states": [asdict(s) for s in parse.states(status)],
+              "observed": observed_json(status, files, files)}
+    assert_golden(f"libreswan_5.2_status_{side}.parsed.json", as_json(result))
+
+
+def test_captured_5_2_status_and_showstates_agree_on_states():
+    for side in ("initiator", "responder"):
+        assert parse.states(read(f"libreswan_5.2_status_{side}.txt")) == \
+            parse.states(read(f"libreswan_5.2_showstates_{side}.txt"))
+
+
+@pytest.mark.parametrize("name", ["libreswan_5.2_showstates_initiator.txt", "libreswan_5.2_showstates_responder.txt",
+                                  "libreswan_4.10_esp_showstates_initiator.txt",
+                                  "libreswan_4.10_esp_showstates_responder.txt"])
+def test_captured_established_tunnel_with_esp(name):
+    """Real Child SAs (the lab's kernel has ESP): one IKE SA, owned by the anchor, with the
+    tunnel's two children installed on it, on both major versions."""
+    found = parse.states(read(name))
+    assert [s.serial for s in found if not s.child] == [1]
+    assert all(s.established for s in found)
+    ((peering, (sa,)),) = parse.ike_sas(found).items()
+    assert sa.unique_id == "#1" and sa.state == "ESTABLISHED"
+    assert [child.rsplit("_", 1)[1][:7] for child in sa.installed_children] == ["tun-in-", "tun-out"]
+    assert all(child.startswith(peering + "_") for child in sa.installed_children)
+    if "4.10" in name:
+        result = {"states": [asdict(s) for s in found], "observed": observed_json(read(name))}
+        assert_golden(name.replace(".txt", ".parsed.json"), as_json(result))
+
+
+def test_trafficstatus_is_not_state_output():
+    """The backend never reads --trafficstatus (captured for reference): its lines name the
+    connection like state lines, with `type=ESP` where a state name would be."""
+    for version in ("5.2", "4.10_esp"):
+        text = read(f"libreswan_{version}_trafficstatus_initiator.txt")
+        assert "type=ESP" in text and "inBytes=" in text and "ESTABLISHED" not in text
 
 
 def test_captured_4_10_status_and_showstates_agree_on_states():
@@ -123,6 +167,16 @@ def test_problem_on_captured_failures():
     assert rc == 0 and parse.problem(out, err, rc) == 'no connection named "nosuch"'
     rc, out, err = captured("libreswan_4.10_not_running.txt")
     assert parse.unreachable(out, err) and parse.problem(out, err, rc)
+
+
+def test_problem_on_captured_5_2_failures():
+    # 5.2 exits non-zero where 4.10 exited 0, and words the errors differently, without codes
+    rc, out, err = captured("libreswan_5.2_addconn_bad.txt")
+    assert rc == 255 and parse.problem(out, err, rc).startswith("ERROR: ipsec addconn: bad leftprotoport=")
+    rc, out, err = captured("libreswan_5.2_initiate_unknown.txt")
+    assert rc == 21 and parse.problem(out, err, rc).startswith('no connection or alias named "nosuch"')
+    rc, out, err = captured("libreswan_5.2_not_running.txt")
+    assert rc == 33 and parse.unreachable(out, err) and "Pluto is not running" in parse.problem(out, err, rc)
 
 
 @pytest.mark.parametrize("out", [
