@@ -78,6 +78,38 @@ def libreswan(scenario: str, backend, hosts: list) -> None:
     for what, argv in failures.items():
         cp = h1.sh.run(argv, netns=h1.name, check=False)
         (out / f"{prefix}_{what}.txt").write_text(_captured(cp))
+    accepts_rendered_files(h1, backend, version, out / f"{prefix}_golden_conf_addconn.json")
+
+
+# The renderer's golden files (tests/unit/golden/libreswan_*.conf, copied into the overlay by
+# labhost/image.py): every option the monitor can write. The certificate ones name NSS
+# certificates this pluto does not have, and each major version has its own IPv6 file.
+GOLDEN_CONFS = Path(__file__).resolve().parent.parent / "golden-conf"
+NEEDS_NSS = ("ca_cert", "peer_cert")
+
+
+def accepts_rendered_files(host, backend, version: str, report: Path) -> None:
+    """addconn every rendered golden file into this pluto, as the backend does; delete them again.
+    Raises when one written for this major version is refused (the scenario then fails)."""
+    major = version.split(".")[0]
+    outcome, refused = {}, []
+    for conf in sorted(GOLDEN_CONFS.glob("libreswan_*.conf")):
+        case = conf.stem.removeprefix("libreswan_")
+        if case in NEEDS_NSS:
+            continue
+        names = [line.split()[1] for line in conf.read_text().splitlines() if line.startswith("conn ")]
+        cp = host.sh.run(["ipsec", "addconn", "--ctlsocket", backend.ctl(host), "--config", conf, *names],
+                         netns=host.name, check=False)
+        outcome[case] = {"rc": cp.returncode, "stdout": cp.stdout, "stderr": cp.stderr}
+        for name in names:
+            host.sh.run(["ipsec", "whack", "--ctlsocket", backend.ctl(host), "--name", name, "--delete"],
+                        netns=host.name, check=False)
+        other_major = case.endswith("x") and not case.endswith(f"_{major}x")
+        if (cp.returncode or cp.stderr.strip()) and not other_major:
+            refused.append(case)
+    report.write_text(json.dumps(outcome, indent=2) + "\n")
+    if refused:
+        raise RuntimeError(f"pluto {version} refused the rendered {', '.join(refused)} (see {report})")
 
 
 # --- strongSwan ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ down, so the next scenario starts from a clean kernel.
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -346,7 +347,30 @@ def versions() -> dict:
     cp = subprocess.run(["ipsec", "--version"], capture_output=True, text=True)
     found["libreswan"] = (cp.stdout.strip().splitlines() or [None])[0]
     found["debian"] = Path("/etc/debian_version").read_text().strip()
+    found["ovs_ipsec_import"] = import_check()
     return found
+
+
+# Imports every module of the project with the guest's python3 (Debian 12's 3.11, Debian 13's 3.13)
+# and its dependencies from the overlay: a module that no longer imports on a newer Python shows
+# here even when no scenario reaches it. (On Debian 13 this also writes their bytecode, once.)
+IMPORT_ALL = """
+import importlib, pkgutil, sys, ovs_ipsec
+names = [m.name for m in pkgutil.walk_packages(ovs_ipsec.__path__, "ovs_ipsec.")]
+for name in names:
+    importlib.import_module(name)
+print("%d modules imported with Python %d.%d.%d" % (len(names), *sys.version_info[:3]))
+"""
+
+
+def import_check() -> str:
+    from monitor import PYTHON_ENV
+    cp = subprocess.run(["python3", "-c", IMPORT_ALL], capture_output=True, text=True,
+                        env={**os.environ, **PYTHON_ENV}, timeout=300)
+    if cp.returncode != 0:
+        say(f"ERROR: the project does not import with this python3:\n{cp.stderr[-2000:]}")
+        return f"FAILED: {(cp.stderr.strip().splitlines() or ['?'])[-1]}"
+    return cp.stdout.strip()
 
 
 def main() -> int:

@@ -446,6 +446,8 @@ def build_pydeps(distro: Distro) -> Path:
 
 # --- the project overlay --------------------------------------------------------------------
 
+GOLDEN_CONFS = paths.REPO / "tests/unit/golden"
+
 def build_overlay(distro: Distro, pydeps: Path) -> Path:
     """src/, the Python dependencies and the guest side of the lab, as a small ext4 image.
 
@@ -453,7 +455,8 @@ def build_overlay(distro: Distro, pydeps: Path) -> Path:
     while the base image stays cached.
     """
     src = paths.REPO / "src"
-    key = digest(distro.python, pydeps.name, src, paths.GUEST, paths.SCENARIOS)
+    key = digest(distro.python, pydeps.name, src, paths.GUEST, paths.SCENARIOS,
+                 *sorted(GOLDEN_CONFS.glob("libreswan_*.conf")))
     stage = _stage(distro, "overlay")
     image = stage / f"{key}.img"
     if image.exists():
@@ -467,6 +470,10 @@ def build_overlay(distro: Distro, pydeps: Path) -> Path:
         shutil.copytree(pydeps, tree / "pydeps", symlinks=True)
         shutil.copytree(paths.GUEST, tree / "lab", ignore=ignore)
         shutil.copy2(paths.SCENARIOS, tree / "lab/scenarios.toml")
+        # The renderer's golden files, for `lab/run.sh --golden` (guest/golden.py loads them into pluto).
+        (tree / "golden-conf").mkdir()
+        for conf in sorted(GOLDEN_CONFS.glob("libreswan_*.conf")):
+            shutil.copy2(conf, tree / "golden-conf")
         # Byte-compile on the host when it has the guest's Python: importing cryptography and ovs
         # from source under TCG is slow. Otherwise (a Debian 12 host, a Debian 13 guest) the guest
         # compiles each module on its first import into the overlay, which it mounts writable

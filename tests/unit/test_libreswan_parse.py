@@ -213,3 +213,17 @@ def test_nss_listing_and_pem_blocks():
     assert parse.nss_nicknames(listing) == {"ovsipsec-key-0123456789abcdef", "ovsipsec-ca-0123456789abcdef"}
     pem = "-----BEGIN CERTIFICATE-----\nAAAA\nBBBB\n-----END CERTIFICATE-----\n"
     assert parse.pem_blocks(pem + pem.replace("AAAA", "CCCC")) == ["AAAABBBB", "CCCCBBBB"]
+
+
+@pytest.mark.parametrize("version", ["4.10", "5.2"])
+def test_rendered_golden_files_were_accepted_by_real_pluto(version):
+    """lab/run.sh --golden loads every rendered golden .conf (but those naming NSS certificates)
+    into Debian 12's pluto 4.10 and Debian 13's 5.2 with `ipsec addconn`, as the backend does:
+    each exited 0, with nothing on stderr and nothing parse.problem calls a problem."""
+    outcome = json.loads(read(f"libreswan_{version}_golden_conf_addconn.json"))
+    assert {"geneve_psk", "gre_ipv6_options", "vxlan_custom_port_forceencaps", "shared_peering",
+            f"ipv6_no_local_ip_{version[0]}x"} <= outcome.keys()
+    for case, result in outcome.items():
+        assert (GOLDEN_DIR / f"libreswan_{case}.conf").exists()
+        assert result["rc"] == 0 and not result["stderr"], case
+        assert parse.problem(result["stdout"], result["stderr"], result["rc"]) is None, case
