@@ -66,3 +66,27 @@ def table(results: list) -> str:
         if r.get("error"):
             lines.append(f"{r.get('distro', '')} {r['name']}: {r['error']}")
     return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    """latest.json as the README's lab table: one row per distribution and scenario."""
+    def count(value):
+        return "–" if value is None else str(value)
+
+    lines = ["| distribution | scenario | IKE daemon | ping | ESP | plaintext | s | result |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in report["scenarios"]:
+        versions = report.get("distros", {}).get(r.get("distro"), {}).get("versions", {})
+        daemon = versions.get("libreswan") if r["backend"] == "libreswan" else \
+            f"strongSwan {(versions.get('strongswan') or '?').split('-')[0]}"
+        ping = f"{r.get('ping_received', '–')}/{r.get('ping_sent', '–')}"
+        lines.append(f"| {r.get('distro', '?')} | {r['name']} | {daemon} | {ping} | {count(r['esp_packets'])} "
+                     f"| {count(r['plaintext_packets'])} | {r.get('seconds', '–')} | {'pass' if r['pass'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python3 -m labhost.report lab/results/latest.json (from lab/): the README's table
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
