@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..inforce import keep_last_good
-from ..model import DesiredState, Invalid, InterfaceRow, Tunnel, ValidatedState
+from ..model import DesiredState, InterfaceRow, Invalid, Tunnel, ValidatedState
 from ..pki.inspect import CertificateInspector
 from ..planner import Naming, Peering, group_peerings
 from ..validate import CertificateFacts, certificate_paths, validate

@@ -17,11 +17,11 @@ import ovs.unixctl.server
 
 from .. import __version__
 from ..errors import OvsIpsecError
+from ..netlink.xfrm import XfrmReader
 from ..ovsdb.reader import OvsdbReader
 from ..ovsdb.writer import InterfaceStatusWriter
-from ..status.metrics import MetricsServer, render_metrics
-from ..netlink.xfrm import XfrmReader
 from ..status.kernel import KernelView, policy_line, sa_line
+from ..status.metrics import MetricsServer, render_metrics
 from ..status.render import render_json, render_show, render_upstream_status
 from .worker import Worker
 

@@ -163,8 +163,8 @@ class XfrmReader:
                     if any(kind in (NLMSG_DONE, NLMSG_ERROR) for kind, _body in _messages(chunk)):
                         return b"".join(chunks)
         except OSError as exc:
-            raise OvsIpsecError(f"cannot read the kernel's XFRM {'policies' if request == XFRM_MSG_GETPOLICY else 'SAs'}: "
-                                f"{exc.strerror or exc}") from exc
+            what = "policies" if request == XFRM_MSG_GETPOLICY else "SAs"
+            raise OvsIpsecError(f"cannot read the kernel's XFRM {what}: {exc.strerror or exc}") from exc
 
 
 def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:

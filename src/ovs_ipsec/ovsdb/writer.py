@@ -194,6 +194,7 @@ class InterfaceStatusWriter:
 
     def _finish_commit(self) -> bool:
         """Advance the transaction in flight; true once there is none."""
+        assert self._txn is not None
         status = self._txn.commit()
         if status == ovs.db.idl.Transaction.INCOMPLETE:
             return False

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Union
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -23,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ovs_ipsec.pki import files
 from ovs_ipsec.pki.files import PkiError, PkiLayout
 
-PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 DEFAULT_DAYS = 3650  # what ovs-pki gives both its CAs and the certificates they sign
 ORGANIZATION = "Open vSwitch"
@@ -239,7 +238,7 @@ def record_issued(layout: PkiLayout, kind: str, cert: x509.Certificate) -> Path:
     copy = layout.newcerts(kind) / f"{serial}.pem"
     files.make_dir(layout.newcerts(kind), files.PUBLIC_DIR_MODE)
     files.write_atomic(copy, pem(cert), secret=False, overwrite=True)
-    subject = "".join(f"/{attribute.rfc4514_attribute_name}={attribute.value}" for attribute in cert.subject)
+    subject = "".join(f"/{attribute.rfc4514_attribute_name}={_text(attribute.value)}" for attribute in cert.subject)
     expiry = _openssl_time(cert.not_valid_after_utc)
     files.append_line(layout.index(kind), f"V\t{expiry}\t\t{serial}\tunknown\t{subject}\n")
     return copy
@@ -318,7 +317,7 @@ def _key_usage(*, key_cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def _signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None  # Ed25519 hashes internally
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
@@ -341,3 +340,7 @@ def _openssl_serial(serial: int) -> str:
 def _openssl_time(moment: dt.datetime) -> str:
     # index.txt uses ASN.1 UTCTime until 2049 and GeneralizedTime from 2050 on.
     return moment.strftime("%y%m%d%H%M%SZ" if moment.year < 2050 else "%Y%m%d%H%M%SZ")
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")

@@ -13,8 +13,8 @@ import datetime as dt
 import hashlib
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from cryptography import x509
 
@@ -125,7 +125,7 @@ def _positive_int(text: str) -> int:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _utc(moment: dt.datetime) -> str:

@@ -128,11 +128,12 @@ def _certificate_events(previous: StatusSnapshot, current: StatusSnapshot, now: 
                      if _expiring(c.not_after, previous.taken_at or now)}
     events = []
     for certificate in current.certificates:
-        if _expiring(certificate.not_after, now) and (certificate.path, certificate.not_after) not in warned_before:
-            days_left = (certificate.not_after - now) / 86400
+        not_after = certificate.not_after
+        if not_after is not None and _expiring(not_after, now) and (certificate.path, not_after) not in warned_before:
+            days_left = (not_after - now) / 86400
             events.append(Event("certificate_expiring", now, (
                 ("path", certificate.path), ("role", certificate.role), ("cn", certificate.cn),
-                ("not_after", _iso(certificate.not_after)), ("days_left", round(days_left, 1)))))
+                ("not_after", _iso(not_after)), ("days_left", round(days_left, 1)))))
     return tuple(events)
 
 
@@ -184,6 +185,8 @@ class EventLog:
                 self._write_json(event)
 
     def _write_json(self, event: Event) -> None:
+        if self._path is None:
+            return
         try:
             if self._file is None:
                 self._file = open_events_file(self._path)

@@ -122,7 +122,8 @@ def render_table(status: dict, now: float) -> str:
             state, _peer(tunnel), tunnel["auth"] or "-", f"{tunnel['ike_sas']}/{tunnel['child_sas']}",
             _age(tunnel.get("since"), now), tunnel["reason"] or "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    out = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
+           for row in rows]
     out.append(_summary(tunnels, None if show_local or not tunnels else next(iter(locals_))))
     daemon = status.get("ike_daemon") or {}
     if daemon.get("error"):
@@ -151,7 +152,7 @@ def _peer(tunnel: dict) -> str:
 
 
 def _summary(tunnels: list[dict], local_ip: str | None) -> str:
-    counts = {}
+    counts: dict[str, int] = {}
     for tunnel in tunnels:
         counts[tunnel["state"]] = counts.get(tunnel["state"], 0) + 1
     order = [state.value for state in (TunnelState.ESTABLISHED, TunnelState.NEGOTIATING, TunnelState.LOADED,

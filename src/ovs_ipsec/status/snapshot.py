@@ -232,6 +232,7 @@ def _tunnel_status(tunnel: Tunnel, peering: Peering, observed: ObservedState, er
         initiator=peering.initiator, remote_name=tunnel.remote_name, local_name=tunnel.local_name,
         remote_cert=tunnel.remote_cert_pem is not None, dst_port=tunnel.dst_port,
         options=tunnel.options.in_force(), ignored_options=tunnel.options.ignored + not_applicable,
-        encrypting=encrypting, installed_children=tuple(sorted(installed)), ofport=tunnel.ofport, cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines,
+        encrypting=encrypting, installed_children=tuple(sorted(installed)), ofport=tunnel.ofport,
+        cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines,
         ike_sa_ids=tuple(sa.unique_id for sa in up),
         established_at=now - (up[0].established_seconds or 0) if up else None)

@@ -70,7 +70,8 @@ class ConnFiles:
             return set(), set()
         except OSError as exc:
             raise BackendError(f"cannot read {self.paths.conn_dir}: {exc.strerror}", transport=True) from exc
-        conf, secrets = set(), set()
+        conf: set[str] = set()
+        secrets: set[str] = set()
         for entry in entries:
             stem, ext = os.path.splitext(entry)
             if PEERING_NAME.fullmatch(stem) and ext in (".conf", ".secrets"):

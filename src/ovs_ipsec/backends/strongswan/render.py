@@ -46,9 +46,9 @@ def child_owner(child: str) -> str | None:
 def render_conn(peering: Peering) -> dict:
     """The load-conn message for a peering: its IKE parameters and every member tunnel's children."""
     body = _ike_body(peering.tunnels[0])
-    children = {}
+    children: dict[str, dict] = {}
     for tunnel in peering.tunnels:
-        children.update(zip(child_names(tunnel), _child_bodies(tunnel)))
+        children.update(zip(child_names(tunnel), _child_bodies(tunnel), strict=True))
     body["children"] = children
     return {peering.conn_name: body}
 
