@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ovs_ipsec.atomicfile import write_atomic
 from ovs_ipsec.pki import files
 from ovs_ipsec.pki.files import PkiError, PkiLayout
 
@@ -227,9 +228,9 @@ def save_authority(layout: PkiLayout, kind: str, authority: CertificateAuthority
     files.make_dir(layout.ca_private_dir(kind), files.PRIVATE_DIR_MODE)
     files.make_dir(layout.newcerts(kind), files.PUBLIC_DIR_MODE)
     # Key first: a cacert.pem without its key would look like a usable CA.
-    files.write_atomic(layout.ca_key(kind), private_key_pem(authority.key), secret=True, overwrite=force)
-    files.write_atomic(layout.ca_cert(kind), pem(authority.cert), secret=False, overwrite=force)
-    files.write_atomic(layout.index(kind), b"", secret=False, overwrite=force)
+    write_atomic(layout.ca_key(kind), private_key_pem(authority.key), secret=True, overwrite=force)
+    write_atomic(layout.ca_cert(kind), pem(authority.cert), secret=False, overwrite=force)
+    write_atomic(layout.index(kind), b"", secret=False, overwrite=force)
 
 
 def record_issued(layout: PkiLayout, kind: str, cert: x509.Certificate) -> Path:
@@ -237,7 +238,7 @@ def record_issued(layout: PkiLayout, kind: str, cert: x509.Certificate) -> Path:
     serial = _openssl_serial(cert.serial_number)
     copy = layout.newcerts(kind) / f"{serial}.pem"
     files.make_dir(layout.newcerts(kind), files.PUBLIC_DIR_MODE)
-    files.write_atomic(copy, pem(cert), secret=False, overwrite=True)
+    write_atomic(copy, pem(cert), secret=False, overwrite=True)
     subject = "".join(f"/{attribute.rfc4514_attribute_name}={_text(attribute.value)}" for attribute in cert.subject)
     expiry = _openssl_time(cert.not_valid_after_utc)
     files.append_line(layout.index(kind), f"V\t{expiry}\t\t{serial}\tunknown\t{subject}\n")

@@ -383,3 +383,12 @@ def test_a_stuck_command_fails_only_its_own_connection(fake, lsw):
     with pytest.raises(BackendError) as error:
         lsw.apply(LoadConn(peering))
     assert not error.value.transport and "timed out" in str(error.value)  # backoff for this one only
+
+
+def test_a_file_that_cannot_be_written_fails_its_connection_only(fake, lsw, paths):
+    """Writing over a directory raised the PKI module's own error, which aborted the whole pass."""
+    peering = peering_of(lsw, row("gnv0", "geneve", **PSK))
+    os.makedirs(os.path.join(paths.conn_dir, f"{peering.secret_id}.secrets"))
+    with pytest.raises(BackendError) as error:
+        lsw.apply(LoadSecret(peering))
+    assert not error.value.transport and "cannot write" in str(error.value)
