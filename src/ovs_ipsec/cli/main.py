@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         pki_cli = None
     if pki_cli is not None and hasattr(pki_cli, "add_parser"):
         pki_cli.add_parser(commands)
+    # A packaged host's helpers (packaging/, debian/): the guard before ovs-vswitchd at boot, and the
+    # switch from Debian's openvswitch-ipsec.
+    from . import boot_guard, migrate
+
+    boot_guard.add_parser(commands)
+    migrate.add_parser(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 
