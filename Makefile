@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: setup demo demo-ovn check unit functional lab bench
+.PHONY: setup demo demo-ovn check unit functional lab lab-systemd bench deb
 
 setup:
 	@scripts/setup.sh
@@ -29,3 +29,7 @@ lab: setup
 
 bench: setup
 	$(PYTHON) bench/run.py
+
+# The Debian package (dpkg-buildpackage + debhelper): build/deb/ovs-ipsec_<version>_amd64.deb.
+deb:
+	@scripts/build-deb.sh
