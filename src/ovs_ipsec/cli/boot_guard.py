@@ -141,6 +141,8 @@ def release(installer: XfrmPolicyInstaller, unixctl: str | None, timeout: float)
     """Remove the holds once every valid tunnel is in the IKE daemon; keep them if that never happens."""
     from .main import default_unixctl_path, query_status
 
+    if not installed_holds(installer.list()):
+        return 0   # no reboot hold in place (the usual restart): nothing to wait for
     deadline = time.monotonic() + timeout
     waiting: list[str] = []
     while True:
