@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: setup demo demo-ovn check unit functional lab lab-systemd bench deb
+.PHONY: setup demo demo-ovn check unit functional lab lab-extended bench deb
 
 setup:
 	@scripts/setup.sh
@@ -26,6 +26,11 @@ functional: setup
 
 lab: setup
 	lab/run.sh
+
+# Every lab scenario, the extended systemd-host ones too (reboot without the guard, every auth mode
+# of the switch from upstream, rollback): not part of make check.
+lab-extended: setup
+	lab/run.sh --extended
 
 bench: setup
 	$(PYTHON) bench/run.py

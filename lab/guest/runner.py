@@ -134,7 +134,24 @@ def ping(topology: Topology, out: Path) -> dict:
     return {"ping_ok": received >= 1, "ping_sent": sent, "ping_received": received}
 
 
+def run_systemd_scenario(sc: scenarios.Scenario) -> dict:
+    """host = "systemd": two systemd-nspawn machines booting Debian's systemd (guest/systemd_lab.py)."""
+    import systemd_lab
+
+    out = RESULTS / sc.name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.monotonic()
+    say(f"[{sc.name}] start: systemd hosts, {sc.expect}, {sc.tunnel}/{sc.auth}, skb_mark {sc.skb_mark or 'unset'}")
+    result = systemd_lab.run_scenario(sc, out, Shell(out / "commands.log"))
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def run_scenario(sc: scenarios.Scenario) -> dict:
+    if sc.host == "systemd":
+        return run_systemd_scenario(sc)
     out = RESULTS / sc.name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

@@ -99,6 +99,10 @@ def migrate(timeout: float) -> None:
     if not os.path.exists("/usr/lib/ipsec/plugins/libstrongswan-vici.so"):
         raise OvsIpsecError("strongSwan's VICI plugin is missing: apt install strongswan-swanctl charon-systemd")
     say(f"kernel SAs before: {xfrm_state_count()}")
+    # 0. The safety net: holds (or the plaintext guard) from OVSDB, outranked by every charon policy,
+    #    so they only ever decide if the frozen policies go before ours exist. ovs-ipsec.service
+    #    releases them once our monitor has loaded every tunnel.
+    runner.run(["ovs-ipsec", "boot-guard", "--timeout=30"], timeout=120, check=False)
     # 1. Nothing may start starter's charon again, and charon-systemd must not run next to it.
     systemctl("mask", UPSTREAM_UNIT, STARTER_UNIT)
     if is_active(CHARON_UNIT):
