@@ -34,6 +34,7 @@ from .util import LabError, Timer, digest, output, prune, replace_dir, run
 HOST_VERSION = 1
 HOST_PACKAGES = [
     "systemd", "systemd-sysv", "systemd-container",   # PID 1 of each host; nspawn in the VM
+    "dbus",                                           # systemd-container needs a system bus
     "openvswitch-switch",                             # ovsdb-server, ovs-vswitchd units
     "openvswitch-ipsec",                              # upstream: ovs-monitor-ipsec + strongswan (starter)
     "openvswitch-pki",                                # ovs-pki, as upstream's tutorial makes certificates
