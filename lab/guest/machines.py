@@ -169,7 +169,7 @@ class Machine:
         if leader is None:
             raise RuntimeError(f"{self.name} is not running")
         return self.sh.run(["nsenter", f"--target={leader}", "--mount", "--uts", "--ipc", "--net", "--pid",
-                            "--cgroup", "env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", *argv],
+                            "--cgroup", "env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", "DEBIAN_FRONTEND=noninteractive", *argv],
                            check=check, timeout=timeout, quiet=quiet, log=log)
 
     def vsctl(self, *args, **kwargs):
