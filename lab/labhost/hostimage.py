@@ -55,6 +55,7 @@ def build_host_image(kernel: image.Kernel, deb: Path) -> Path:
         return img
     tmp = stage / f"{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     root = tmp / "rootfs"
     with Timer("host image: VM root and machine trees"):
         run(["cp", "-al", tree / "rootfs", root])   # hard links: one copy of each file in the image
