@@ -61,9 +61,10 @@ def build_host_image(kernel: image.Kernel, deb: Path) -> Path:
         run(["cp", "-al", tree / "rootfs", root])   # hard links: one copy of each file in the image
         machines = root / MACHINES
         machines.mkdir(parents=True)
+        staged = _download_staged(tree / "rootfs", tmp / "debs")
         run(["cp", "-al", tree / "rootfs", machines / "upstream"])
-        shutil.copy2(deb, machines / "upstream/root/debs" / deb.name)
-        _make_ovs_ipsec_machine(tree / "rootfs", machines / "ovs-ipsec", deb)
+        _stage(machines / "upstream", [deb, *staged])
+        _make_ovs_ipsec_machine(tree / "rootfs", machines / "ovs-ipsec", deb, staged)
         image._install_modules(kernel, root)
         (root / "opt/ovs-ipsec").mkdir(parents=True, exist_ok=True)
         (root / "results").mkdir(exist_ok=True)
@@ -88,11 +89,6 @@ def build_host_tree(kernel: image.Kernel) -> Path:
     with Timer(f"debootstrap {image.SUITE} with systemd and openvswitch-ipsec from {mirror}"):
         run(["debootstrap", "--variant=minbase", f"--include={','.join(HOST_PACKAGES)}",
              image.SUITE, rootfs, mirror], capture_output=True, text=True)
-    debs = rootfs / "root/debs"
-    debs.mkdir(parents=True)
-    for name in STAGED_DEBS:
-        run(["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{name}={image._candidate(name)}"],
-            cwd=debs, capture_output=True)
     _configure(rootfs)
     for junk in (rootfs / "var/cache/apt/archives").glob("*.deb"):
         junk.unlink()
@@ -107,6 +103,10 @@ def _configure(rootfs: Path) -> None:
     (rootfs / "etc/hostname").write_text("lab-host\n")
     (rootfs / "etc/machine-id").write_text("")   # systemd makes one at first boot
     (rootfs / "etc/fstab").write_text("# lab host: the root is set up by systemd-nspawn\n")
+    # The hosts have no network but the lab's wire: apt knows only the .debs the operator brought
+    # (`apt install ./x.deb` would otherwise fetch a package of the same version from the mirror).
+    for lists in (rootfs / "var/lib/apt/lists").glob("*_Packages"):
+        lists.unlink()
     # Units a container has no use for and that only slow TCG boots down.
     for unit in ("systemd-timesyncd.service", "apt-daily.timer", "apt-daily-upgrade.timer",
                  "e2scrub_all.timer", "fstrim.timer", "man-db.timer"):
@@ -115,16 +115,35 @@ def _configure(rootfs: Path) -> None:
         link.symlink_to("/dev/null")
 
 
-def _make_ovs_ipsec_machine(tree: Path, target: Path, deb: Path) -> None:
+def _download_staged(tree: Path, folder: Path) -> list[Path]:
+    """charon-systemd and strongswan-swanctl at the version of the strongSwan in the tree
+    (debootstrap takes the suite's; the host's apt may prefer a newer point release from
+    bookworm-security, whose packages would not fit the tree's libstrongswan)."""
+    version = output(["chroot", tree, "dpkg-query", "-W", "-f=${Version}", "libstrongswan"]).strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *(f"{name}={version}" for name in STAGED_DEBS)],
+        cwd=folder, capture_output=True)
+    return sorted(folder.glob("*.deb"))
+
+
+def _stage(machine: Path, debs: list[Path]) -> None:
+    """What the operator copied to the host: /root/debs (a folder of its own in the linked copy)."""
+    folder = machine / "root/debs"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for deb in debs:
+        shutil.copy2(deb, folder / deb.name)
+
+
+def _make_ovs_ipsec_machine(tree: Path, target: Path, deb: Path, staged: list[Path]) -> None:
     """A stock Debian 12 + Open vSwitch host where the operator installed our package with apt."""
     run(["cp", "-al", tree, target])   # dpkg replaces files by rename: the links split where it writes
+    _stage(target, [deb, *staged])
     # Never had openvswitch-ipsec (nor its strongswan-starter).
     _chroot(target, "apt-get", "purge", "-y", "-q", "openvswitch-ipsec", "strongswan", "strongswan-starter",
             "strongswan-charon")
-    staged = sorted((target / "root/debs").glob("*.deb"))
-    shutil.copy2(deb, target / "root/debs" / deb.name)
     _chroot(target, "apt-get", "install", "-y", "-q", "--no-install-recommends",
-            f"/root/debs/{deb.name}", *(f"/root/debs/{d.name}" for d in staged))
+            *(f"/root/debs/{d.name}" for d in [deb, *staged]))
     _chroot(target, "apt-get", "autoremove", "-y", "-q")
     state = output(["chroot", target, "systemctl", "is-enabled", "ovs-ipsec.service", "ovs-ipsec-guard.service",
                     "strongswan.service"]).split()
