@@ -103,10 +103,6 @@ def _configure(rootfs: Path) -> None:
     (rootfs / "etc/hostname").write_text("lab-host\n")
     (rootfs / "etc/machine-id").write_text("")   # systemd makes one at first boot
     (rootfs / "etc/fstab").write_text("# lab host: the root is set up by systemd-nspawn\n")
-    # The hosts have no network but the lab's wire: apt knows only the .debs the operator brought
-    # (`apt install ./x.deb` would otherwise fetch a package of the same version from the mirror).
-    for lists in (rootfs / "var/lib/apt/lists").glob("*_Packages"):
-        lists.unlink()
     # Units a container has no use for and that only slow TCG boots down.
     for unit in ("systemd-timesyncd.service", "apt-daily.timer", "apt-daily-upgrade.timer",
                  "e2scrub_all.timer", "fstrim.timer", "man-db.timer"):
@@ -127,7 +123,11 @@ def _download_staged(tree: Path, folder: Path) -> list[Path]:
 
 
 def _stage(machine: Path, debs: list[Path]) -> None:
-    """What the operator copied to the host: /root/debs (a folder of its own in the linked copy)."""
+    """What the operator copied to the host: /root/debs (a folder of its own in the linked copy).
+    The hosts have no network but the lab's wire: apt knows only these .debs (with the mirror's
+    lists, `apt install ./x.deb` fetches a package of the same version from the mirror instead)."""
+    for lists in (machine / "var/lib/apt/lists").glob("*_Packages"):
+        lists.unlink()   # a link of its own in the linked copy: the cached tree keeps its lists
     folder = machine / "root/debs"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
