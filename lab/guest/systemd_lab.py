@@ -45,9 +45,9 @@ Description=lab: overlay address on br-ipsec (the operator's network configurati
 After=ovs-vswitchd.service
 Wants=ovs-vswitchd.service
 [Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/sh -c 'for i in $$(seq 1200); do ip link show br-ipsec >/dev/null 2>&1 && break; sleep 0.1; done; \\
+# Not a oneshot: the boot must not wait for br-ipsec, which exists only once a tunnel is configured.
+Type=exec
+ExecStart=/bin/sh -c 'while ! ip link show br-ipsec >/dev/null 2>&1; do sleep 0.2; done; for i in $$(seq 1200); do ip link show br-ipsec >/dev/null 2>&1 && break; sleep 0.1; done; \\
   sysctl -qw net.ipv6.conf.br-ipsec.disable_ipv6=1; ip addr replace {ip}/24 dev br-ipsec; ip link set br-ipsec up'
 [Install]
 WantedBy=multi-user.target
@@ -58,6 +58,9 @@ After=lab-overlay.service
 Wants=lab-overlay.service
 [Service]
 ExecStart=/bin/ping -D -n -i 0.2 -W 1 {peer}
+# ping gives up at once while the overlay address is not there yet.
+Restart=always
+RestartSec=0.5
 StandardOutput=append:/var/log/lab-ping.log
 [Install]
 WantedBy=multi-user.target
@@ -172,6 +175,9 @@ def configure_tunnel(sc: Scenario, m: Machine, peer: Machine, certs: dict | None
     m.vsctl("add-port", "br-ipsec", "tun", "--", "set", "interface", "tun", f"type={sc.tunnel}", *options)
     # The overlay address now that br-ipsec exists (lab-overlay.service does it at every later boot).
     m.run("systemctl", "restart", "lab-overlay.service")
+    if not wait_for(lambda: m.overlay_ip in m.sh.run(["ip", "-br", "addr", "show", "br-ipsec"], netns=m.name,
+                                                      check=False, quiet=True).stdout, 60):
+        raise RuntimeError(f"{m.name}: no {m.overlay_ip} on br-ipsec (lab-overlay.service)")
 
 
 def make_certs(sc: Scenario, sh: Shell, machines: list, work: Path) -> dict | None:
