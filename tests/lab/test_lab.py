@@ -1,12 +1,14 @@
 """The real-kernel lab (lab/run.sh) as one pytest test.
 
-It boots Debian's kernel under QEMU once and runs every scenario of lab/scenarios.toml: two
-hosts with OVS on the kernel datapath, an IKE daemon (charon or pluto) and our monitor, a tunnel
-per scenario (made with ovs-vsctl, or by OVN), ping over it and a capture proving it is ESP on
-the wire. See lab/README.md.
+It boots Debian's kernel under QEMU and runs the scenarios of lab/scenarios.toml that are not
+`extended`: in one boot, two hosts in network namespaces with OVS on the kernel datapath, an IKE
+daemon (charon or pluto) and our monitor, a tunnel per scenario (made with ovs-vsctl, or by OVN),
+ping over it and a capture proving it is ESP on the wire; in a second boot, two systemd-nspawn
+machines booting Debian's systemd with our .deb (or Debian's openvswitch-ipsec) installed, for the
+service lifecycle, the switch from upstream and a reboot. See lab/README.md.
 
-Cold (nothing cached: debootstrap, kernel download) it takes about 8-10 minutes on 2 cores for the
-18 scenarios; warm about 1.5 minutes less. Deselect with `-m "not lab"`.
+`make lab-extended` (lab/run.sh --extended) adds the slower systemd-host scenarios. Deselect
+this test with `-m "not lab"`.
 """
 
 from __future__ import annotations
