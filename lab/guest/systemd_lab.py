@@ -159,6 +159,10 @@ def configure_tunnel(sc: Scenario, m: Machine, peer: Machine, certs: dict | None
     if sc.skb_mark:
         m.vsctl("set", "Open_vSwitch", ".", f"other_config:ipsec_skb_mark={sc.skb_mark}")
     m.vsctl("--may-exist", "add-br", "br-ipsec", "--", "set", "bridge", "br-ipsec", "datapath_type=system")
+    # As the netns scenarios do (hosts.py): no IPv6 autoconfiguration traffic on the overlay, which
+    # would reach the tunnel port the moment it exists, before any IKE daemon could hold it (without
+    # ipsec_skb_mark nothing does: the README's "no guard" row). The only overlay traffic is ours.
+    m.sh.run(["sysctl", "-qw", "net.ipv6.conf.br-ipsec.disable_ipv6=1"], netns=m.name)
     options = [f"options:local_ip={m.ip}", f"options:remote_ip={peer.ip}"]
     if sc.auth == "psk":
         options.append(f"options:psk={PSK}")
@@ -548,10 +552,17 @@ def run_scenario(sc: Scenario, out: Path, sh: Shell) -> dict:
             step = "tunnel"
             lab.configure()
             if sc.expect == "upgrade":
-                # Upstream loads auto=route connections: trap policies first, SAs on the first packet.
+                # Upstream loads auto=route connections: trap policies first, SAs on the first packet,
+                # and each direction's child only once that side sends (upstream's Geneve reply
+                # direction can take an acquire timeout, 30 s). The switch starts from a tunnel that
+                # carries traffic both ways.
                 wait_for(lambda: all(parallel(lambda m: policies_any(m) > 0, lab.machines)), 120, interval=1.0)
+                t_up = time.monotonic()
+                both_ways = wait_for(lambda: lab.sh.run(["ping", "-c", "1", "-W", "1", h2.overlay_ip], netns=h1.name,
+                                                        check=False, quiet=True).returncode == 0, 90, interval=0.5)
+                result["upstream_both_ways_seconds"] = round(time.monotonic() - t_up, 1) if both_ways else None
                 figures = lab.ping_burst(h1, h2)
-                up = wait_for(lambda: all(parallel(sas_up, lab.machines)), 30, interval=1.0)
+                up = both_ways and wait_for(lambda: all(parallel(sas_up, lab.machines)), 30, interval=1.0)
             else:
                 up = wait_for(lambda: all(parallel(ours_established, lab.machines)), 120, interval=1.0)
                 figures = lab.ping_burst(h1, h2)
