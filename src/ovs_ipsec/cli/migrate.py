@@ -191,6 +191,31 @@ def rollback() -> None:
     systemctl("disable", CHARON_UNIT, quiet=True, check=False)
     systemctl("start", UPSTREAM_UNIT)
     say("openvswitch-ipsec.service started (its monitor restarts starter's charon and loads its connections)")
+    release_holds_once_trapped(timeout=90)
+
+
+def release_holds_once_trapped(timeout: float) -> None:
+    """Our monitor's stop left boot holds (ExecStopPost); nothing of ours releases them any more.
+    They are outranked by upstream's trap policies, so remove them once those exist."""
+    from ..guard.policy import GuardChanges
+    from ..guard.xfrm import XfrmPolicyInstaller, batch_commands
+    from .boot_guard import installed_holds
+
+    installer = XfrmPolicyInstaller()
+    deadline = time.monotonic() + timeout
+    while True:
+        installed = installer.list()
+        holds = installed_holds(installed)
+        if not holds:
+            return
+        if any(p.templates and p.direction == "out" for p in installed):
+            installer.run_batch(batch_commands(GuardChanges(remove=holds), installed))
+            say(f"{len(holds)} hold(s) of ours released: upstream's charon holds the tunnels now")
+            return
+        if time.monotonic() > deadline:
+            say(f"{len(holds)} hold(s) of ours kept: no policy of upstream's charon after {timeout:g} s")
+            return
+        time.sleep(0.5)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
