@@ -403,6 +403,7 @@ def phase_migrate(lab: Lab, sc: Scenario) -> dict:
               "charons_after": [p for p in processes(h1) if p.startswith("charon") or p == "starter"],
               "spis_before": spis_before, "spis_after": kernel_spis(h1), "h1_established": ours_established(h1),
               "peer_upstream_active": unit_states(h2, "openvswitch-ipsec")["openvswitch-ipsec"],
+              "holds_left": policies(h1, HOLD_PRIORITY),
               **figures, "plaintext": lab.wire.plaintext() - plain0, "esp": lab.wire.esp() - esp0}
     stubbed = (leftovers["/etc/ipsec.conf"].startswith("# ovs-ipsec") and not leftovers["/etc/strongswan.d/ovs.conf"]
                and "PSK" not in leftovers["/etc/ipsec.secrets"])
@@ -411,7 +412,7 @@ def phase_migrate(lab: Lab, sc: Scenario) -> dict:
                       and migrate.returncode == 0 and masked == ["masked", "masked"] and stubbed
                       and all(m == "0o600" for m in backup_modes.values()) and backup_modes
                       and result["charons_after"] == ["charon-systemd"] and result["h1_established"]
-                      and result["peer_upstream_active"] == "active"
+                      and result["peer_upstream_active"] == "active" and result["holds_left"] == 0
                       and figures["outage_seconds"] <= 1.0 and result["plaintext"] == 0 and result["esp"] > 0)
     return result
 
