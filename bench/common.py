@@ -19,7 +19,7 @@ from pathlib import Path
 
 HZ = os.sysconf("SC_CLK_TCK")
 PSK = "swordfish"
-BRIDGE = "br-ipsec"  # created by ovs_ipsec.sandbox.Host.start_ovsdb
+BRIDGE = "br-ipsec"  # created by testsupport.ovsdb.Ovsdb.start
 
 
 def log(*parts) -> None:

@@ -42,7 +42,8 @@ from common import (  # noqa: E402
 )
 from upstream import Upstream, UpstreamLibreswan  # noqa: E402
 
-from ovs_ipsec.sandbox import LIBRESWAN_ROOT, Sandbox  # noqa: E402
+from testsupport.pluto import LIBRESWAN_ROOT  # noqa: E402
+from testsupport.sandbox import Sandbox  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKDIR = Path("/tmp/oib")  # short: unix socket paths are limited to 107 bytes

@@ -15,8 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ovs_ipsec.ovn_sandbox import OvnCluster, ovn_missing
-from ovs_ipsec.sandbox import Sandbox, wait_for
+from testsupport.ovn import OvnCluster, ovn_missing
+from testsupport.procs import wait_for
+from testsupport.sandbox import Sandbox
 
 SUBNET = "10.235.0"
 
@@ -40,7 +41,7 @@ def wait_full_mesh(cluster: OvnCluster, started: float) -> float:
     """Seconds from `started` until every chassis has an established tunnel to every other."""
     def ready() -> bool:
         for one in cluster.chassis:
-            up = {t["remote_name"] for t in one.host.status()["tunnels"] if t["state"] == "established"}
+            up = {t["remote_name"] for t in one.host.status()["tunnels"] if t["ike_sas"] > 0}
             if up != {other.name for other in cluster.chassis if other is not one}:
                 return False
         return True

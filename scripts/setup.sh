@@ -12,6 +12,7 @@ PACKAGES=(
   libcharon-extra-plugins strongswan-pki
   ovn-central ovn-host
   tcpdump iproute2 iputils-ping openssl python3 python3-venv python3-pip
+  debhelper dpkg-dev fakeroot   # make deb (tests/packaging), the systemd-host lab
 )
 
 missing=()
@@ -39,6 +40,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test,bench]'
   touch "$stamp"
 fi
+
+# The test support package (testsupport/, at the repository root, never in the wheel) is importable
+# from this virtualenv: by the tests, the demos and the benchmark.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD" > "$site/ovs_ipsec_testsupport.pth"
 
 # python-ovs from PyPI has no compiled JSON parser (Debian 12 ships no headers to build it), and
 # parsing a large OVSDB update in pure Python is 30-40x slower. Debian's python3-openvswitch has

@@ -6,9 +6,11 @@ cheaply: the reconciler detects changes by equality, never by tracking events.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
-from collections.abc import Mapping, Set as AbstractSet
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 
@@ -30,7 +32,8 @@ class TunnelState(enum.StrEnum):
     INVALID = "invalid"  # configuration rejected; never reaches the IKE daemon
     PENDING = "pending"  # valid, not yet loaded into the IKE daemon
     LOADED = "loaded"  # connection loaded, no IKE SA up
-    ESTABLISHED = "established"  # an IKE SA for this tunnel is up
+    NEGOTIATING = "negotiating"  # an IKE SA is up, but not every child SA of the tunnel: not encrypting yet
+    ESTABLISHED = "established"  # every child SA of the tunnel is installed: its traffic is encrypted
     ERROR = "error"  # the IKE daemon refused an action; retried with backoff
 
 
@@ -76,6 +79,54 @@ class Selector:
 
 
 @dataclass(frozen=True)
+class IkeOptions:
+    """A tunnel's `ipsec_*` options, parsed (validate/options.py); None: not set, the backend's
+    default applies. Durations are seconds and proposals tuples of validated tokens: renderers
+    format them for their daemon and never see the operator's text.
+    """
+
+    ike: tuple[str, ...] | None = None  # IKE proposals
+    esp: tuple[str, ...] | None = None  # ESP proposals
+    forceencaps: bool = False  # always UDP-encapsulate (strongSwan forceencaps, LibreSwan encapsulation)
+    dpd_delay: int | None = None
+    dpd_timeout: int | None = None
+    ike_lifetime: int | None = None
+    sa_lifetime: int | None = None
+    rekey_margin: int | None = None
+    rekey_fuzz: int | None = None  # percent
+    replay_window: int | None = None  # packets
+    pfs: bool | None = None
+    esn: str | None = None  # yes | no | either
+    retransmit_timeout: int | None = None
+    nat_keepalive: bool | None = None
+    mobike: bool | None = None
+    fragmentation: str | None = None  # yes | no | accept | force
+    keyingtries: int | None = None  # 0: without end
+    # Keys that were set but have no effect with this monitor, each with the reason; sent nowhere.
+    ignored: tuple[tuple[str, str], ...] = ()
+
+    def in_force(self) -> tuple[tuple[str, str], ...]:
+        """The options set, as (name, canonical value) pairs, for status output."""
+        pairs = []
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if spec.name == "ignored" or value is None or (spec.name == "forceencaps" and not value):
+                continue
+            if isinstance(value, bool):
+                text = "yes" if value else "no"
+            elif isinstance(value, tuple):
+                text = ",".join(value)
+            else:
+                text = f"{value}s" if spec.name in DURATION_OPTIONS else str(value)
+            pairs.append((spec.name, text))
+        return tuple(pairs)
+
+
+DURATION_OPTIONS = frozenset({"dpd_delay", "dpd_timeout", "ike_lifetime", "sa_lifetime", "rekey_margin",
+                              "retransmit_timeout"})
+
+
+@dataclass(frozen=True)
 class Tunnel:
     """A validated IPsec tunnel: every field is safe to hand to an IKE daemon."""
 
@@ -93,8 +144,7 @@ class Tunnel:
     local_key_pem: bytes | None = field(default=None, repr=False)
     remote_cert_pem: bytes | None = field(default=None, repr=False)  # peer-cert mode
     ca_cert_pem: bytes | None = field(default=None, repr=False)  # ca-cert mode
-    forceencaps: bool = False
-    ike_options: tuple[tuple[str, str], ...] = ()  # allow-listed ipsec_* options, sorted
+    options: IkeOptions = IkeOptions()
     ofport: int | None = None
     cfm_fault: bool | None = None
 
@@ -127,10 +177,26 @@ class Invalid:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """other_config:ipsec_skb_mark and the tunnel traffic on this host, for the plaintext guard."""
+
+    configured: str | None = None  # the value as written (may be malformed; shown escaped)
+    mark: SkbMark | None = None  # None: guard off, or `error`
+    error: str | None = None  # why `configured` is malformed: the guard keeps its previous mode
+    # (protocol, destination port) of every tunnel Interface, IPsec or not: in a mode like 0/1
+    # unmarked packets of non-IPsec tunnels are dropped too, as the seeds describe.
+    traffic: frozenset[tuple[str, int | None]] = frozenset()
+
+
+@dataclass(frozen=True)
 class ValidatedState:
     tunnels: tuple[Tunnel, ...]
     invalid: tuple[Invalid, ...]
     global_problem: str | None = None  # e.g. unreadable local certificate; affects cert tunnels
+    guard: GuardConfig = GuardConfig()
+    # Invalid tunnels whose last good configuration is still in force (inforce.py), and since when;
+    # their last good Tunnel is among `tunnels`.
+    kept: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -165,6 +231,13 @@ class ObservedState:
 
     def sas_of(self, conn_name: str) -> tuple[ObservedSA, ...]:
         return self.sas.get(conn_name, ())
+
+
+def wire_traffic(tunnel_type: TunnelType, dst_port: int | None) -> tuple[str, int | None]:
+    """The protocol and destination port a tunnel's packets carry on the wire."""
+    if tunnel_type in (TunnelType.GRE, TunnelType.IP6GRE):
+        return ("gre", None)
+    return ("tcp" if tunnel_type is TunnelType.STT else "udp", dst_port)
 
 
 DEFAULT_PORTS = {

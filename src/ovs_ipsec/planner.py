@@ -47,6 +47,7 @@ class Naming:
     conn_name: Callable[[Tunnel], str]  # equal for tunnels that can share an IKE connection
     secret_id: Callable[[Tunnel], str | None]
     child_names: Callable[[Tunnel], tuple[str, ...]]
+    child_owner: Callable[[str], str | None]  # the tunnel a child name of ours was made for
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,17 @@ class Memory:
     # Responder connections that initiate too: our IKE daemon restarted and lost their SAs, which
     # the peer still believes in (it would notice only when DPD gives up, a minute or more later).
     takeover: AbstractSet[str] = frozenset()
+    # Connections and secrets never to remove although unwanted: they serve a tunnel that is
+    # invalid now and has no configuration in force (the monitor restarted since it was valid).
+    protected: AbstractSet[str] = frozenset()
+
+
+def protected_conns(observed: ObservedState, tunnels: AbstractSet[str], naming: Naming) -> frozenset[str]:
+    """The observed connections with a child made for one of `tunnels` (see Memory.protected)."""
+    if not tunnels:
+        return frozenset()
+    return frozenset(conn for conn, children in observed.conns.items()
+                     if any(naming.child_owner(child) in tunnels for child in children))
 
 
 def is_initiator(tunnel: Tunnel) -> bool:
@@ -159,9 +171,9 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
     wanted_secrets = {p.secret_id for p in desired.values() if p.secret_id}
 
     removals: list[Action] = [UnloadConn(conn) for conn in sorted(observed.conns)
-                              if conn not in desired and in_scope(conn)]
+                              if conn not in desired and conn not in memory.protected and in_scope(conn)]
     removals += [UnloadSecret(secret) for secret in sorted(observed.shared_secrets - wanted_secrets)
-                 if in_scope(secret)]
+                 if secret not in memory.protected and in_scope(secret)]
 
     additions: list[Action] = []
     initiations: list[Action] = []

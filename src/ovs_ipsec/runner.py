@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import CommandError
@@ -36,3 +37,7 @@ def run(argv: list[str], timeout: float = 30.0, input_text: str | None = None,
     if check and proc.returncode != 0:
         raise CommandError(argv, f"exited with status {proc.returncode}", stderr)
     return Completed(stdout, stderr, proc.returncode)
+
+
+# What adapters receive instead of importing `run`: tests hand them a scripted stand-in.
+Runner = Callable[..., Completed]

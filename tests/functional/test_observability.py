@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from tunnels import add_pair
-from ovs_ipsec.sandbox import wait_for
+from testsupport.tunnels import add_pair
+from testsupport.procs import wait_for
 
 PSK = "Sup3rS3cretPSK"
 METRICS = "127.0.0.1:9464"
-STATUS_KEYS = ("ipsec_state", "ipsec_reason", "ipsec_since")
+STATUS_KEYS = ("ipsec_state", "ipsec_reason", "ipsec_since", "ipsec_last_good_since")
 README_JSON_KEYS = {"name", "type", "local_ip", "remote_ip", "auth", "state", "reason", "ike_sas", "child_sas"}
 
 
@@ -67,9 +67,9 @@ def test_status_is_written_back_to_the_interface_row_with_only_our_keys(hosts):
     add_pair(a, b, "tun", "geneve", psk=PSK)
     # Keys of other writers (an operator, ovn-controller) on the same row.
     a.vsctl("set", "Interface", "tun", "external_ids:owner=operator", "external_ids:ovn-chassis-id=b@10.234.0.2")
-    keys = wait_written(a, "tun", "established", timeout=30)
-    assert keys["ipsec_since"].endswith("Z") and "ipsec_reason" not in keys
-    wait_written(b, "tun", "established")
+    keys = wait_written(a, "tun", "negotiating", timeout=30)
+    assert keys["ipsec_since"].endswith("Z") and keys["ipsec_reason"].startswith("the IKE SA is up; 0 of 2 ")
+    wait_written(b, "tun", "negotiating")
 
     # Only when a value changed: status republished without a change writes nothing.
     writes = status_writes(a)
@@ -83,7 +83,7 @@ def test_status_is_written_back_to_the_interface_row_with_only_our_keys(hosts):
     a.vsctl("set", "Interface", "tun", "options:remote_name=somebody", "external_ids:owner=someone-else")
     keys = wait_written(a, "tun", "invalid", timeout=5)
     assert time.monotonic() - started < 1.0, f"written {time.monotonic() - started:.2f} s after the change"
-    assert "remote_name" in keys["ipsec_reason"]
+    assert "remote_name" in keys["ipsec_reason"] and keys["ipsec_last_good_since"].endswith("Z")
     assert external_ids(a, "tun")["owner"] == "someone-else"
     assert external_ids(a, "tun")["ovn-chassis-id"] == "b@10.234.0.2"
 
@@ -94,7 +94,7 @@ def test_status_is_written_back_to_the_interface_row_with_only_our_keys(hosts):
 
     # The monitor leaving with cleanup takes its connections, and their status, along.
     a.vsctl("set", "Interface", "tun", f"options:psk={PSK}")
-    wait_written(a, "tun", "established", timeout=30)
+    wait_written(a, "tun", "negotiating", timeout=30)
     a.stop_monitor(cleanup=True)
     assert not ours(a, "tun")
     wait_written(b, "tun", "loaded")  # b's own view: the peer went away (a initiates, b waits for it)
@@ -105,10 +105,10 @@ def test_metrics_events_and_the_status_table(hosts):
     a, b = hosts
     add_pair(a, b, "tun", "geneve", psk=PSK)
     add_pair(a, b, "bad", "gre", psk=PSK, remote_name="x")  # PSK with remote_name: invalid
-    a.wait_state("tun", "established", timeout=30)
+    a.wait_ike_up("tun", timeout=30)
 
     scraped = scrape(a)
-    assert 'ovs_ipsec_tunnel_state{tunnel="tun",peer="10.234.0.2",state="established"} 1' in scraped
+    assert 'ovs_ipsec_tunnel_state{tunnel="tun",peer="10.234.0.2",state="negotiating"} 1' in scraped
     assert 'ovs_ipsec_tunnel_state{tunnel="bad",peer="10.234.0.2",state="invalid"} 1' in scraped
     assert 'ovs_ipsec_tunnel_ike_sas{tunnel="tun",peer="10.234.0.2"} 1' in scraped
     for family in ("tunnel_rekeys_total", "tunnel_failures_total", "tunnel_established_seconds",
@@ -122,21 +122,21 @@ def test_metrics_events_and_the_status_table(hosts):
     assert "ovs_ipsec_tunnel_state" in b.appctl("metrics/show")
 
     events = [json.loads(line) for line in (a.workdir / "events.jsonl").read_text().splitlines()]
-    up = next(e for e in events if e["event"] == "tunnel_up" and e["tunnel"] == "tun")
+    up = next(e for e in events if e["event"] == "tunnel_negotiating" and e["tunnel"] == "tun")
     assert up["peer"] == "10.234.0.2" and up["conn"].startswith("ovsipsec-") and up["since"].endswith("Z")
     assert any(e["event"] == "tunnel_invalid" and e["tunnel"] == "bad" and "remote_name" in e["reason"]
                for e in events)
     log = a.log_text()
-    assert "event=tunnel_up tunnel=tun state=established from=" in log
+    assert "event=tunnel_negotiating tunnel=tun state=negotiating from=" in log
     assert log.count("event=tunnel_invalid tunnel=bad ") == 1
 
     table = subprocess.run([sys.executable, "-m", "ovs_ipsec.cli.main", "status", f"--unixctl={a.unixctl}"],
                            capture_output=True, text=True, check=True, timeout=30).stdout
     header, bad, tun, summary = table.splitlines()[:4]
     assert header.split()[:7] == ["TUNNEL", "TYPE", "STATE", "PEER", "AUTH", "SAS", "SINCE"]
-    assert tun.split()[:6] == ["tun", "geneve", "established", "10.234.0.2", "psk", "1/0"]
+    assert tun.split()[:6] == ["tun", "geneve", "negotiating", "10.234.0.2", "psk", "1/0"]
     assert bad.split()[:5] == ["bad", "gre", "invalid", "10.234.0.2", "psk"] and "remote_name" in bad
-    assert summary == "2 tunnels from 10.234.0.1: 1 established, 1 invalid"
+    assert summary == "2 tunnels from 10.234.0.1: 1 negotiating, 1 invalid"
     status = json.loads(subprocess.run([sys.executable, "-m", "ovs_ipsec.cli.main", "status", "--json",
                                         f"--unixctl={a.unixctl}"], capture_output=True, text=True, check=True,
                                        timeout=30).stdout)

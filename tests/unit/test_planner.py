@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from builders import desired, row
+from testsupport.builders import desired, row
 from ovs_ipsec.backends.strongswan.backend import StrongSwanBackend
 from ovs_ipsec.model import ObservedSA, ObservedState
 from ovs_ipsec.planner import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Protocol
 
-from ..model import ObservedState
-from ..planner import Action, Naming
+from ..model import ObservedState, Tunnel
+from ..planner import Action, Naming, Peering
 
 
 class Backend(Protocol):
@@ -26,8 +26,11 @@ class Backend(Protocol):
     def start_events(self, on_change: Callable[[frozenset[str] | None], None]) -> None:
         """Call on_change(conn names) when SAs change, on_change(None) when the daemon restarted."""
 
-    def cleanup_credentials(self, keep_keys: Collection[bytes]) -> None:
-        """Unload private keys we loaded that are no longer needed."""
+    def cleanup_credentials(self, peerings: Collection[Peering]) -> None:
+        """Remove credentials we loaded (private keys, certificates) that none of `peerings` needs."""
+
+    def not_applicable(self, tunnel: Tunnel) -> tuple[tuple[str, str], ...]:
+        """The tunnel's options this IKE daemon has no setting for: (option, why), shown in status."""
 
     def close(self) -> None:
         ...

@@ -1,20 +1,35 @@
-"""Python logging -> OVS's vlog, so --log-file, -v and `vlog/reopen` (logrotate) behave as upstream's."""
+"""Python logging -> OVS's vlog, so --log-file, -v and `vlog/reopen` (logrotate) behave as upstream's.
+
+Every record becomes exactly one line: its text goes through `text.printable`, so a value from
+OVSDB quoted in a message (or in an exception) can never start a line of its own.
+"""
 
 from __future__ import annotations
 
 import logging
+import traceback
 
 import ovs.vlog
 
+from ..text import printable
+
 _LEVELS = ((logging.CRITICAL, "emer"), (logging.ERROR, "err"), (logging.WARNING, "warn"),
            (logging.INFO, "info"), (logging.DEBUG, "dbg"))
+
+
+class OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += " | " + "".join(traceback.format_exception(*record.exc_info)).strip()
+        return printable(message)
 
 
 class VlogHandler(logging.Handler):
     def __init__(self, module: str) -> None:
         super().__init__()
         self._vlog = ovs.vlog.Vlog(module)
-        self.setFormatter(logging.Formatter("%(message)s"))
+        self.setFormatter(OneLineFormatter())
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -13,10 +13,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import CommandError
-from ..model import InterfaceRow, SkbMark, Tunnel
-from ..validate import parse_skb_mark
+from ..model import GuardConfig, SkbMark, Tunnel
 from .policy import (
-    GuardChanges, GuardPolicy, GuardStatus, InstalledPolicy, guard_policies, mark_in_force, plan_changes,
+    GuardChanges,
+    GuardPolicy,
+    GuardStatus,
+    InstalledPolicy,
+    guard_policies,
+    mark_in_force,
+    plan_changes,
 )
 from .xfrm import XfrmPolicyInstaller, batch_commands
 
@@ -40,25 +45,22 @@ class PlaintextGuard:
         self._target: _Target | None = None
         self.status = GuardStatus()
 
-    def enforce(self, configured: str | None, tunnels: Iterable[Tunnel], interfaces: Iterable[InterfaceRow],
-                full: bool) -> bool:
+    def enforce(self, config: GuardConfig, tunnels: Iterable[Tunnel], full: bool) -> bool:
         """Converge the kernel on the guard for this configuration; true when the status changed.
 
-        Without `full`, the kernel is looked at only when the desired guard changed or the last
-        attempt did not converge: an unrelated OVSDB change costs no `ip` command.
+        `tunnels` are the IPsec tunnels in force. Without `full`, the kernel is looked at only
+        when the desired guard changed or the last attempt did not converge: an unrelated OVSDB
+        change costs no `ip` command.
         """
-        tunnels, interfaces = tuple(tunnels), tuple(interfaces)
+        tunnels = tuple(tunnels)
         problem = None
-        if configured is None:
-            self._mark, self._mark_known = None, True
+        if config.error is None:
+            self._mark, self._mark_known = config.mark, True
         else:
-            try:
-                self._mark, self._mark_known = parse_skb_mark(configured), True
-            except ValueError as exc:
-                kept = f"mode {self._mark or 'off'}" if self._mark_known else "the policies in the kernel"
-                problem = f"{exc}; keeping the guard in force ({kept})"
-        target = _Target(configured, self._mark,
-                         guard_policies(self._mark, tunnels, interfaces) if self._mark_known else frozenset())
+            kept = f"mode {self._mark or 'off'}" if self._mark_known else "the policies in the kernel"
+            problem = f"{config.error}; keeping the guard in force ({kept})"
+        target = _Target(config.configured, self._mark,
+                         guard_policies(self._mark, tunnels, config.traffic) if self._mark_known else frozenset())
         if not full and target == self._target and self.status.in_place:
             return False
         if full and not target.policies and target == self._target and self.status.in_place \
@@ -67,7 +69,7 @@ class PlaintextGuard:
             # thousands of the IKE daemon's policies at scale) on every resync would buy nothing.
             return False
         before = self.status
-        self.status = self._converge(target, problem, tunnels, interfaces)
+        self.status = self._converge(target, problem, tunnels, config.traffic)
         self._target = target
         if self.status != before and self.status.error and self.status.error != before.error:
             log.warning("plaintext guard: %s", self.status.error)
@@ -77,7 +79,7 @@ class PlaintextGuard:
         """Remove every policy of ours (exit with cleanup)."""
         self._mark, self._mark_known = None, True
         try:
-            installed = self._installer.list()
+            installed = self._installer.policies()
         except CommandError as exc:
             log.error("plaintext guard: cleanup on exit incomplete: %s", exc)
             return
@@ -88,9 +90,9 @@ class PlaintextGuard:
                 log.error("plaintext guard: cleanup on exit incomplete: %s", _summary(failures))
 
     def _converge(self, target: _Target, problem: str | None, tunnels: tuple[Tunnel, ...],
-                  interfaces: tuple[InterfaceRow, ...]) -> GuardStatus:
+                  traffic: frozenset[tuple[str, int | None]]) -> GuardStatus:
         try:
-            installed = self._installer.list()
+            installed = self._installer.policies()
         except CommandError as exc:
             return GuardStatus(target.configured, target.mark, _join(problem, f"cannot list XFRM policies: {exc}"),
                                in_place=False, wanted=len(target.policies), installed=self.status.installed)
@@ -103,7 +105,7 @@ class PlaintextGuard:
                 return GuardStatus(target.configured, None, problem, in_place=True, unknown=True,
                                    installed=sum(p.owned for p in installed))
             self._mark, self._mark_known = mark, True
-            policies = guard_policies(mark, tunnels, interfaces)
+            policies = guard_policies(mark, tunnels, traffic)
         changes = plan_changes(policies, installed)
         failures: list[str] = []
         if changes.add or changes.replace or changes.remove:
@@ -123,10 +125,10 @@ class PlaintextGuard:
                 self._installer.run_batch(batch_commands(changes, installed))
             except CommandError:
                 # The batch stopped at a refused line: finish one command at a time, to know which.
-                installed = self._installer.list()
+                installed = self._installer.policies()
                 changes = plan_changes(policies, installed)
                 failures = self._installer.run_each(batch_commands(changes, installed))
-            after = self._installer.list()
+            after = self._installer.policies()
         except CommandError as exc:
             return installed, [str(exc)]
         log.info("plaintext guard %s: %d XFRM policies added, %d updated, %d removed",

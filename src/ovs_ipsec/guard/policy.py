@@ -54,7 +54,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ..model import DEFAULT_PORTS, InterfaceRow, SkbMark, Tunnel, TunnelType
+from ..model import DEFAULT_PORTS, SkbMark, Tunnel, TunnelType, wire_traffic
 
 # 0x0F5EC000 ("OVS-SEC"): the band of priorities that marks a kernel XFRM policy as ours.
 OWNED_PRIORITIES = range(0x0F5EC000, 0x0F5EC100)
@@ -175,51 +175,24 @@ class GuardStatus:
 
 
 def guard_policies(mark: SkbMark | None, tunnels: Iterable[Tunnel],
-                   interfaces: Iterable[InterfaceRow] = ()) -> frozenset[GuardPolicy]:
-    """The guard for a mark (None: off), the valid IPsec tunnels, and every Interface row.
-
-    `interfaces` contributes the ports of tunnels without IPsec: in a mode like `0/1` their
-    unmarked packets are dropped too, as the seeds describe.
-    """
+                   traffic: Iterable[tuple[str, int | None]] = ()) -> frozenset[GuardPolicy]:
+    """The guard for a mark (None: off), the IPsec tunnels in force, and the traffic (protocol,
+    port) of every tunnel Interface (GuardConfig.traffic): in a mode like `0/1` the unmarked
+    packets of tunnels without IPsec are dropped too, as the seeds describe."""
     if mark is None:
         return frozenset()
     tunnels = tuple(tunnels)
     selector_mark = mark if mark.mask else None  # mask 0 matches every packet: no mark selector
-    traffic = set(DEFAULT_TUNNEL_TRAFFIC)
-    traffic |= {tunnel_traffic(t.type, t.dst_port) for t in tunnels}
-    traffic |= {traffic_of_row(row) for row in interfaces} - {None}
+    wanted = set(DEFAULT_TUNNEL_TRAFFIC) | set(traffic) | {wire_traffic(t.type, t.dst_port) for t in tunnels}
     policies = {GuardPolicy("out", ANY[family], ANY[family], protocol, port, selector_mark)
-                for protocol, port in traffic - IKE_TRAFFIC for family in (4, 6)}
+                for protocol, port in wanted - IKE_TRAFFIC for family in (4, 6)}
     for tunnel in tunnels:
-        protocol, port = tunnel_traffic(tunnel.type, tunnel.dst_port)
+        protocol, port = wire_traffic(tunnel.type, tunnel.dst_port)
         if (protocol, port) in IKE_TRAFFIC:
             continue
         peer = str(ipaddress.ip_network(tunnel.remote_ip))
         policies.add(GuardPolicy("in", peer, ANY[tunnel.family], protocol, port, None))
     return frozenset(policies)
-
-
-def tunnel_traffic(tunnel_type: TunnelType, dst_port: int | None) -> tuple[str, int | None]:
-    """The protocol and destination port a tunnel's packets carry on the wire."""
-    if tunnel_type in (TunnelType.GRE, TunnelType.IP6GRE):
-        return ("gre", None)
-    return ("tcp" if tunnel_type is TunnelType.STT else "udp", dst_port)
-
-
-def traffic_of_row(row: InterfaceRow) -> tuple[str, int | None] | None:
-    """A tunnel Interface row's protocol and port, IPsec or not; None for anything else."""
-    try:
-        tunnel_type = TunnelType(row.type)
-    except ValueError:
-        return None
-    if tunnel_type in (TunnelType.GRE, TunnelType.IP6GRE):
-        return ("gre", None)
-    port = row.option("dst_port")
-    if port is None:
-        return tunnel_traffic(tunnel_type, DEFAULT_PORTS[tunnel_type])
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        return None  # vswitchd rejects it too: no traffic
-    return tunnel_traffic(tunnel_type, int(port))
 
 
 def plan_changes(desired: frozenset[GuardPolicy], installed: Iterable[InstalledPolicy]) -> GuardChanges:
@@ -234,18 +207,20 @@ def plan_changes(desired: frozenset[GuardPolicy], installed: Iterable[InstalledP
             in_band[policy.identity] = policy
         else:
             foreign[policy.identity] = policy
-    add, replace, blocked = [], [], []
-    for policy in sorted(desired):
-        present = in_band.get(policy.identity)
+    add: list[GuardPolicy] = []
+    replace: list[GuardPolicy] = []
+    blocked: list[tuple[GuardPolicy, InstalledPolicy]] = []
+    for wanted_policy in sorted(desired):
+        present = in_band.get(wanted_policy.identity)
         if present is not None:
-            if present.as_guard_policy() != policy:
-                replace.append(policy)
-        elif policy.identity in foreign:
-            blocked.append((policy, foreign[policy.identity]))
+            if present.as_guard_policy() != wanted_policy:
+                replace.append(wanted_policy)
+        elif wanted_policy.identity in foreign:
+            blocked.append((wanted_policy, foreign[wanted_policy.identity]))
         else:
-            add.append(policy)
+            add.append(wanted_policy)
     wanted = {policy.identity for policy in desired}
-    remove = [policy for identity, policy in sorted(owned.items(), key=lambda item: item[1].index)
+    remove = [installed for identity, installed in sorted(owned.items(), key=lambda item: item[1].index)
               if identity not in wanted]
     return GuardChanges(tuple(add), tuple(replace), tuple(remove), tuple(blocked))
 

@@ -11,6 +11,7 @@ iproute2 quirks this module works around (iproute2 6.1):
 * `ip xfrm policy list` shows the index only with `-s`.
 * `ip -batch` stops at the first xfrm line the kernel refuses, even with `-force` (ip xfrm exits):
   after a failed batch the caller redoes what is left one command at a time.
+* Only the first `deleteall` of one `ip` process deletes anything: each runs in its own process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..model import SkbMark
 from .policy import GuardChanges, GuardPolicy, InstalledPolicy
 
 PROTOCOL_NUMBERS = MappingProxyType({"gre": 47, "udp": 17, "tcp": 6})
+DELETEALL = "xfrm policy deleteall"
 PROTOCOL_NAMES = MappingProxyType({str(number): name for name, number in PROTOCOL_NUMBERS.items()})
 
 
@@ -141,15 +143,24 @@ class XfrmPolicyInstaller:
         self._ip = ip
         self._timeout = timeout
 
-    def list(self) -> tuple[InstalledPolicy, ...]:
+    def policies(self) -> tuple[InstalledPolicy, ...]:
         """Every XFRM policy of the namespace; raises CommandError."""
         return parse_policies(self._run([self._ip, "-s", "xfrm", "policy", "list"], timeout=self._timeout).stdout)
 
     def run_batch(self, lines: list[str]) -> None:
-        """All lines in one `ip -batch`; raises CommandError. `ip xfrm` exits at the first line
-        the kernel refuses (even with -force), so after a failure the later lines never ran."""
-        if lines:
-            self._run([self._ip, "-batch", "-"], timeout=self._timeout, input_text="\n".join(lines) + "\n")
+        """All lines in as few `ip` processes as possible; raises CommandError.
+
+        `ip xfrm` exits at the first line the kernel refuses (even with -force), so after a
+        failure the later lines never ran. And iproute2 carries out only the first `deleteall`
+        of a process (its dump filter is not reset between batch lines: a second one silently
+        deletes nothing), so each `deleteall` runs as an `ip` of its own, after the batch.
+        """
+        batched = [line for line in lines if not line.startswith(DELETEALL)]
+        if batched:
+            self._run([self._ip, "-batch", "-"], timeout=self._timeout, input_text="\n".join(batched) + "\n")
+        for line in lines:
+            if line.startswith(DELETEALL):
+                self._run([self._ip, *line.split()], timeout=self._timeout)
 
     def run_each(self, lines: list[str]) -> list[str]:
         """One `ip` per line, to learn which ones fail; returns the failures."""

@@ -39,7 +39,8 @@ from ..status.snapshot import StatusSnapshot, TunnelStatus
 log = logging.getLogger("ovs_ipsec.writer")
 
 STATE_KEY, REASON_KEY, SINCE_KEY = "ipsec_state", "ipsec_reason", "ipsec_since"
-OWNED_KEYS = (STATE_KEY, REASON_KEY, SINCE_KEY)
+LAST_GOOD_KEY = "ipsec_last_good_since"  # while invalid: since when the last good configuration is kept
+OWNED_KEYS = (STATE_KEY, REASON_KEY, SINCE_KEY, LAST_GOOD_KEY)
 COLUMN = "external_ids"
 
 
@@ -58,8 +59,14 @@ def status_keys(tunnel: TunnelStatus) -> dict[str, str]:
     if tunnel.reason:
         keys[REASON_KEY] = tunnel.reason
     if tunnel.since is not None:
-        keys[SINCE_KEY] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(tunnel.since))
+        keys[SINCE_KEY] = _iso(tunnel.since)
+    if tunnel.last_good_since is not None:
+        keys[LAST_GOOD_KEY] = _iso(tunnel.last_good_since)
     return keys
+
+
+def _iso(moment: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 def wanted_keys(snapshot: StatusSnapshot) -> dict[str, dict[str, str]]:
@@ -187,6 +194,7 @@ class InterfaceStatusWriter:
 
     def _finish_commit(self) -> bool:
         """Advance the transaction in flight; true once there is none."""
+        assert self._txn is not None
         status = self._txn.commit()
         if status == ovs.db.idl.Transaction.INCOMPLETE:
             return False

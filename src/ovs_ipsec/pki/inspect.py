@@ -8,11 +8,13 @@ call. The module-level functions are pure: they take facts and `now` and touch n
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -26,6 +28,7 @@ from cryptography.x509.oid import NameOID
 _RACY_WINDOW_NS = 2_000_000_000
 _MAX_CHAIN_RESULTS = 256
 _MAX_FILE_BYTES = 1 << 20  # far more than any certificate bundle or key
+_VIRTUAL_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 StatKey = tuple[str, int, int, int, int]
 _Facts = TypeVar("_Facts", "CertFacts", "KeyFacts")
@@ -86,6 +89,12 @@ class CertificateInspector:
             self._chains[memo] = chain_problem(leaf, authority)
         return self._chains[memo]
 
+    def retain(self, paths: Collection[str]) -> None:
+        """Forget every file not in `paths` (the ones in use): the cache never outgrows them."""
+        for cache in (self._certs, self._keys):
+            for path in cache.keys() - set(paths):
+                del cache[path]
+
     def _cached(
         self,
         path: str,
@@ -94,24 +103,17 @@ class CertificateInspector:
         unreadable: Callable[[str, str], _Facts],
     ) -> _Facts:
         try:
-            status = os.stat(path)
-        except OSError as error:
-            cache.pop(path, None)
-            return unreadable(path, _read_error(path, error))
-        current = _stat_key(path, status)
-        if not stat.S_ISREG(status.st_mode) or status.st_size > _MAX_FILE_BYTES:
-            # A FIFO or device would block or never end: the daemon must not hang on a typo.
-            cache.pop(path, None)
-            what = "not a regular file" if not stat.S_ISREG(status.st_mode) else "too large for a PEM file"
-            return unreadable(path, f"cannot read {path}: {what}")
-        entry = cache.get(path)
-        if entry is not None and entry[0] == current:
-            return entry[1]
-        try:
-            with open(path, "rb") as stream:
+            with _open_pem_file(path) as stream:
                 before = os.fstat(stream.fileno())
+                current = _stat_key(path, before)
+                entry = cache.get(path)
+                if entry is not None and entry[0] == current:
+                    return entry[1]
                 data = stream.read(_MAX_FILE_BYTES + 1)
                 after = os.fstat(stream.fileno())
+        except _Unusable as refusal:
+            cache.pop(path, None)
+            return unreadable(path, f"cannot read {path}: {refusal}")
         except OSError as error:
             cache.pop(path, None)
             return unreadable(path, _read_error(path, error))
@@ -125,18 +127,46 @@ class CertificateInspector:
         return facts
 
 
+class _Unusable(Exception):
+    """The path names something that is not a certificate or key file; the message says what."""
+
+
+def _open_pem_file(path: str) -> io.BufferedReader:
+    """Open without blocking and check the open file itself (no window between a check and the open).
+
+    The path comes from OVSDB and the daemon runs as root: a FIFO or a device would block the
+    worker or never end, and /proc and /sys files (size 0, such as /proc/kmsg) can block in read().
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise _Unusable("not a regular file")
+        if status.st_size == 0:
+            raise _Unusable("the file is empty")
+        if status.st_size > _MAX_FILE_BYTES:
+            raise _Unusable("too large for a PEM file")
+        real = os.path.realpath(f"/proc/self/fd/{fd}")
+        if any(real == root or real.startswith(root + "/") for root in _VIRTUAL_FILESYSTEMS):
+            raise _Unusable("a kernel interface file, not a certificate or key")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def cert_facts_from_bytes(path: str, data: bytes) -> CertFacts:
     digest = hashlib.sha256(data).hexdigest()
     try:
-        cert = x509.load_pem_x509_certificates(data)[0]
+        bundle = x509.load_pem_x509_certificates(data)
+        cert = bundle[0]
     except ValueError:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            reason = f"{path} holds a PEM certificate that cannot be parsed"
-        else:
-            reason = f"{path} is not a PEM certificate"
-        return CertFacts(path, data, digest, reason, None, (), None, None, None, False, None)
+        unparsable = (f"{path} holds a PEM certificate that cannot be parsed"
+                      if b"-----BEGIN CERTIFICATE-----" in data else f"{path} is not a PEM certificate")
+        return CertFacts(path, data, digest, unparsable, None, (), None, None, None, False, None)
+    damaged: str | None = None
     try:
-        extensions, damaged = cert.extensions, None
+        extensions = cert.extensions
     except ValueError as error:
         extensions = x509.Extensions([])
         damaged = f"{path}: the certificate's extensions cannot be parsed ({error})"
@@ -144,7 +174,9 @@ def cert_facts_from_bytes(path: str, data: bytes) -> CertFacts:
     reason = damaged or _rule_violation(path, cert.version, cn, san_dns, is_ca)
     return CertFacts(
         path=path,
-        pem=data,
+        # The certificates alone, as we serialise them: whatever else the file holds (comments,
+        # a key pasted in by mistake) never reaches an IKE daemon.
+        pem=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle),
         digest=digest,
         error=reason,
         cn=cn,
@@ -189,7 +221,10 @@ def key_facts_from_bytes(path: str, data: bytes) -> KeyFacts:
     if key_type is None:
         reason = f"{path} holds a key type IKE daemons do not sign with (use ECDSA or RSA)"
         return KeyFacts(path, data, digest, reason, None, None)
-    return KeyFacts(path, data, digest, None, key_type, _spki(key.public_key()))
+    # The key alone, re-serialised: nothing else from the file reaches an IKE daemon.
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return KeyFacts(path, pem, digest, None, key_type, _spki(key.public_key()))
 
 
 def chain_problem(leaf: CertFacts, authority: CertFacts) -> str | None:

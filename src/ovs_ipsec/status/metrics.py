@@ -10,6 +10,7 @@ Only names, addresses, states, counts and times appear: never a key or a PSK.
 from __future__ import annotations
 
 import http.server
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -17,9 +18,12 @@ from dataclasses import dataclass
 
 from ..errors import OvsIpsecError
 from ..model import TunnelState
+from ..text import printable
 from .snapshot import StatusSnapshot, TunnelStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_CONNECTIONS = 16
+REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request or read the answer
 PREFIX = "ovs_ipsec_"
 
 
@@ -56,6 +60,15 @@ def metric_families(snapshot: StatusSnapshot, queue_depth: int, now: float) -> t
         Family("tunnel_state", "gauge", "1 for the tunnel's current state, 0 for the others.", tuple(
             ("", _labels(t) + (("state", state.value),), float(t.state is state))
             for t in tunnels for state in TunnelState)),
+        _per_tunnel("tunnel_encrypting", "gauge",
+                    "1 when every child SA of the tunnel is installed: its traffic is encrypted.", tunnels,
+                    lambda t: t.encrypting),
+        _per_tunnel("tunnel_last_good_kept", "gauge",
+                    "1 while the tunnel is invalid and its last good configuration stays in force.", tunnels,
+                    lambda t: t.last_good_since is not None),
+        _per_tunnel("tunnel_ignored_options", "gauge",
+                    "ipsec_* options set on the tunnel that have no effect with this monitor.", tunnels,
+                    lambda t: len(t.ignored_options)),
         _per_tunnel("tunnel_ike_sas", "gauge", "Established IKE SAs of the tunnel's connection.", tunnels,
                     lambda t: t.ike_sas),
         _per_tunnel("tunnel_child_sas", "gauge", "Installed child SAs of the tunnel.", tunnels,
@@ -69,10 +82,10 @@ def metric_families(snapshot: StatusSnapshot, queue_depth: int, now: float) -> t
         _per_tunnel("tunnel_established_seconds", "gauge",
                     "Seconds since the tunnel's current IKE SA was established (absent when not established).",
                     [t for t in tunnels if t.established_at is not None],
-                    lambda t: max(0.0, now - t.established_at)),
+                    lambda t: max(0.0, now - (t.established_at or now))),
         _per_tunnel("tunnel_state_since_timestamp_seconds", "gauge",
                     "When the tunnel entered its current state (Unix time).",
-                    [t for t in tunnels if t.since is not None], lambda t: t.since),
+                    [t for t in tunnels if t.since is not None], lambda t: t.since or 0.0),
         Family("tunnels", "gauge", "Tunnels per state.", tuple(
             ("", (("state", state.value),), float(sum(t.state is state for t in tunnels))) for state in TunnelState)),
         Family("ike_daemon_up", "gauge", "1 when the IKE daemon answered the last call.",
@@ -83,6 +96,8 @@ def metric_families(snapshot: StatusSnapshot, queue_depth: int, now: float) -> t
                (("", (), reconcile.last_pass_seconds),)),
         Family("reconcile_queue_depth", "gauge", "Dirty connections waiting for the reconciler.",
                (("", (), float(queue_depth)),)),
+        Family("reconcile_errors_total", "counter", "Reconcile passes that failed unexpectedly (and were retried).",
+               (("", (), float(reconcile.errors)),)),
         Family("reconcile_retry_waiting", "gauge", "Connections waiting for their retry delay (backoff).",
                (("", (), float(reconcile.retry_waiting)),)),
         Family("last_full_resync_timestamp_seconds", "gauge",
@@ -108,7 +123,15 @@ def _labels(tunnel: TunnelStatus) -> tuple[tuple[str, str], ...]:
 
 
 def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    """Prometheus escapes backslash, quote and newline; any other unprintable character (a value
+    from OVSDB may hold terminal escape sequences) is written as a literal, visible escape."""
+    if text.isprintable() and "\\" not in text and '"' not in text:
+        return text
+    return "".join(_LABEL_ESCAPES.get(char) or (char if char.isprintable() else "\\" + printable(char))
+                   for char in text)
+
+
+_LABEL_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n"}
 
 
 def _number(value: float) -> str:
@@ -120,11 +143,12 @@ def _number(value: float) -> str:
 # -- the adapter -------------------------------------------------------------------------------------
 
 def parse_address(text: str) -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all addresses)."""
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback: metrics are served to the world only when the
+    operator names an address that reaches it, such as 0.0.0.0 or ::)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise OvsIpsecError(f"--metrics-address {text!r}: expected HOST:PORT, [IPV6]:PORT or :PORT")
-    return host.strip("[]"), int(port)
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class MetricsServer:
@@ -159,12 +183,36 @@ class MetricsServer:
         self._server.server_close()
 
 
-class _V6Server(http.server.ThreadingHTTPServer):
+class _BoundedServer(http.server.ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS requests at a time, each with a deadline: a scraper that connects
+    and says nothing, or a thousand of them, cannot hold threads or memory of the daemon forever."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the cap: closed at once
+            return
+        request.settimeout(REQUEST_TIMEOUT)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _V6Server(_BoundedServer):
     address_family = socket.AF_INET6
 
 
 def _server_class(host: str) -> type[http.server.ThreadingHTTPServer]:
-    return _V6Server if ":" in host else http.server.ThreadingHTTPServer
+    return _V6Server if ":" in host else _BoundedServer
 
 
 def _handler_for(render: Callable[[], str]) -> type[http.server.BaseHTTPRequestHandler]:

@@ -6,7 +6,7 @@ Pure: validated tunnels, observed SAs and recorded errors in, a frozen snapshot 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from ..guard.policy import GuardStatus
@@ -33,7 +33,12 @@ class TunnelStatus:
     local_name: str | None = None
     remote_cert: bool = False
     dst_port: int | None = None
-    ike_options: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, str], ...] = ()  # the ipsec_* options in force, canonical
+    ignored_options: tuple[tuple[str, str], ...] = ()  # (key, why): set, but with no effect here
+    # While the tunnel is invalid: since when its last good configuration has been kept in force.
+    last_good_since: float | None = None
+    encrypting: bool = False  # every child SA of the tunnel is installed
+    installed_children: tuple[str, ...] = ()  # the tunnel's children with an installed child SA
     ofport: int | None = None
     cfm_fault: bool | None = None
     sa_lines: tuple[str, ...] = ()
@@ -52,6 +57,9 @@ class TunnelStatus:
             "conn": self.conn, "initiator": self.initiator, "remote_name": self.remote_name,
             "dst_port": self.dst_port, "ofport": self.ofport,
             "established_at": self.established_at, "rekeys": self.rekeys, "failures": self.failures,
+            "encrypting": self.encrypting, "last_good_since": self.last_good_since,
+            "options": dict(self.options),
+            "ignored_options": [{"key": key, "why": why} for key, why in self.ignored_options],
         }
 
 
@@ -79,14 +87,18 @@ class ReconcileStats:
     total_pass_seconds: float = 0.0
     last_full_resync: float | None = None  # when charon was last compared in full
     retry_waiting: int = 0  # connections waiting for their backoff delay
+    error: str | None = None  # why the last pass failed unexpectedly (it is retried)
+    errors: int = 0  # passes that failed unexpectedly since the monitor started
 
-    def after_pass(self, seconds: float, last_full_resync: float | None, retry_waiting: int) -> ReconcileStats:
+    def after_pass(self, seconds: float, last_full_resync: float | None, retry_waiting: int,
+                   error: str | None = None) -> ReconcileStats:
         return ReconcileStats(self.passes + 1, seconds, self.total_pass_seconds + seconds, last_full_resync,
-                              retry_waiting)
+                              retry_waiting, error, self.errors + (error is not None and error != self.error))
 
     def as_json(self) -> dict:
         return {"passes": self.passes, "last_pass_seconds": self.last_pass_seconds,
-                "last_full_resync": self.last_full_resync, "retry_waiting": self.retry_waiting}
+                "last_full_resync": self.last_full_resync, "retry_waiting": self.retry_waiting,
+                "error": self.error, "errors": self.errors}
 
 
 @dataclass(frozen=True)
@@ -118,22 +130,30 @@ class StatusSnapshot:
 def build_snapshot(validated: ValidatedState, peerings: Mapping[str, Peering], observed: ObservedState,
                    errors: Mapping[str, str], daemon_error: str | None, global_config: GlobalConfig,
                    previous: StatusSnapshot, now: float, certificates: tuple[CertificateStatus, ...] = (),
-                   reconcile: ReconcileStats = ReconcileStats(), memo: dict | None = None) -> StatusSnapshot:
+                   reconcile: ReconcileStats = ReconcileStats(), memo: dict | None = None,
+                   not_applicable: Callable[[Tunnel], tuple[tuple[str, str], ...]] = lambda tunnel: ()
+                   ) -> StatusSnapshot:
     """The status of every tunnel. `memo` (owned by the caller) reuses a tunnel's previous status
     while everything it is computed from is the very same, so one change among thousands of
-    tunnels costs one status, not thousands."""
+    tunnels costs one status, not thousands. `not_applicable` names the options the backend has
+    no setting for. A tunnel kept at its last good configuration is `invalid`, with its SAs."""
     memo = {} if memo is None else memo
     before = {tunnel.name: tunnel for tunnel in previous.tunnels}
-    stamped = [_stamp(_invalid_status(invalid), before.get(invalid.name), now) for invalid in validated.invalid]
+    reasons = {invalid.name: invalid.reason for invalid in validated.invalid}
+    stamped = [_stamp(_invalid_status(invalid), before.get(invalid.name), now) for invalid in validated.invalid
+               if invalid.name not in validated.kept]
     seen = set()
     for peering in peerings.values():
         sas, loaded, error = observed.sas_of(peering.conn_name), peering.conn_name in observed.conns, \
             errors.get(peering.conn_name)
         for tunnel in peering.tunnels:
-            key = (tunnel, peering, sas, loaded, error, daemon_error)
+            kept = (reasons[tunnel.name], validated.kept[tunnel.name]) if tunnel.name in validated.kept else None
+            key = (tunnel, peering, sas, loaded, error, daemon_error, kept)
             cached = memo.get(tunnel.name)
             if cached is None or cached[0] != key or before.get(tunnel.name) is not cached[1]:
-                status = _tunnel_status(tunnel, peering, observed, error, daemon_error, now)
+                status = _tunnel_status(tunnel, peering, observed, error, daemon_error, now, not_applicable(tunnel))
+                if kept is not None:
+                    status = replace(status, state=TunnelState.INVALID, reason=kept[0], last_good_since=kept[1])
                 cached = memo[tunnel.name] = (key, _stamp(status, before.get(tunnel.name), now))
             stamped.append(cached[1])
             seen.add(tunnel.name)
@@ -152,7 +172,7 @@ def _with_history(status: TunnelStatus, old: TunnelStatus | None) -> TunnelStatu
     """Carry counters and the established time over from the tunnel's previous status."""
     if old is None:
         return replace(status, failures=int(status.state is TunnelState.ERROR))
-    up_before, up_now = old.state is TunnelState.ESTABLISHED, status.state is TunnelState.ESTABLISHED
+    up_before, up_now = old.ike_sas > 0, status.ike_sas > 0  # an IKE SA up, encrypting yet or not
     rekeys = old.rekeys + (len(set(status.ike_sa_ids) - set(old.ike_sa_ids)) if up_before and up_now else 0)
     failed = ((status.state is TunnelState.ERROR and old.state is not TunnelState.ERROR)
               or (up_before and status.state in (TunnelState.LOADED, TunnelState.PENDING)))
@@ -180,14 +200,19 @@ def _invalid_status(invalid: Invalid) -> TunnelStatus:
 
 
 def _tunnel_status(tunnel: Tunnel, peering: Peering, observed: ObservedState, error: str | None,
-                   daemon_error: str | None, now: float) -> TunnelStatus:
+                   daemon_error: str | None, now: float, not_applicable: tuple[tuple[str, str], ...]) -> TunnelStatus:
     sas = observed.sas_of(peering.conn_name)
     up = sorted((sa for sa in sas if sa.established), key=lambda sa: sa.established_seconds or 0)
     mine = set(peering.children_of(tunnel.name))
+    installed = mine & {child for sa in up for child in sa.installed_children}
+    encrypting = bool(mine) and installed == mine
     if error:
         state, reason = TunnelState.ERROR, error
-    elif up:
+    elif encrypting:
         state, reason = TunnelState.ESTABLISHED, None
+    elif up:
+        state, reason = TunnelState.NEGOTIATING, (f"the IKE SA is up; {len(installed)} of {len(mine)} child SAs "
+                                                 "installed, so the tunnel's traffic is not encrypted yet")
     elif peering.conn_name in observed.conns:
         state, reason = TunnelState.LOADED, None
     elif daemon_error:
@@ -206,6 +231,8 @@ def _tunnel_status(tunnel: Tunnel, peering: Peering, observed: ObservedState, er
         child_sas=sum(len(mine & set(sa.installed_children)) for sa in up), conn=peering.conn_name,
         initiator=peering.initiator, remote_name=tunnel.remote_name, local_name=tunnel.local_name,
         remote_cert=tunnel.remote_cert_pem is not None, dst_port=tunnel.dst_port,
-        ike_options=tunnel.ike_options, ofport=tunnel.ofport, cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines,
+        options=tunnel.options.in_force(), ignored_options=tunnel.options.ignored + not_applicable,
+        encrypting=encrypting, installed_children=tuple(sorted(installed)), ofport=tunnel.ofport,
+        cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines,
         ike_sa_ids=tuple(sa.unique_id for sa in up),
         established_at=now - (up[0].established_seconds or 0) if up else None)

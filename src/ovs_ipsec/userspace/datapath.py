@@ -22,7 +22,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from .engine import TO_UPLINK, TO_WIRE, Engine
+from .engine import TO_WIRE, Engine
 from .sa import EspTunnel
 
 ETH_P_ALL = 0x0003
@@ -70,7 +70,8 @@ class Datapath:
         _big_buffers(self.send4)
         _big_buffers(self.recv4)
         self.recv4.setblocking(False)
-        self.send6 = self.recv6 = None
+        self.send6: socket.socket | None = None
+        self.recv6: socket.socket | None = None
         try:
             self.send6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
             self.recv6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ESP)
@@ -147,6 +148,7 @@ class Datapath:
         return done
 
     def _pump_wire6(self, engine: Engine, budget: int) -> int:
+        assert self.recv6 is not None  # only called for sockets() it returned
         done = 0
         space = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4) * 2
         while done < budget:
@@ -178,7 +180,7 @@ class Datapath:
         return done
 
     def _send_failed(self, exc: OSError) -> None:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         self.send_errors[name] = self.send_errors.get(name, 0) + 1
         if exc.errno == errno.EMSGSIZE:
             self.mtu_changed = True  # the route's MTU shrank: look it up again

@@ -251,7 +251,8 @@ class Engine:
         port = int.from_bytes(frame[start + 2:start + 4], "big") if protocol == frames.IPPROTO_UDP else 0
         state = self._out.get((dst, protocol, port))
         if state is None or state.local != src:
-            return self._unprotected(protocol, port, dst, src)
+            self._unprotected(protocol, port, dst, src)
+            return None
         self.bridge_macs[src] = frame[6:12]  # br-phy's MAC, kept current (it can change on restart)
         if flags_frag & 0x3FFF:
             # OVS sets DF on tunnel packets and never fragments them: a fragment here is not ours.
@@ -346,7 +347,8 @@ class Engine:
         state = self._out.get((dst, next_header, port))
         if state is None or state.local != src:
             # Extension headers (OVS puts none on tunnel packets) end up here too: not ours.
-            return self._unprotected(next_header, port, dst, src)
+            self._unprotected(next_header, port, dst, src)
+            return None
         self.bridge_macs[src] = frame[6:12]  # br-phy's MAC, kept current (it can change on restart)
         payload = frame[start:end]
         size = IPV6_HEADER_LEN + len(payload) + esp.esp_overhead(len(payload))
@@ -390,7 +392,8 @@ class Engine:
         src, dst = packet[12:16], packet[16:20]
         state = self._in.get((dst, int.from_bytes(packet[ihl:ihl + 4], "big")))
         if state is None:
-            return self._unknown_spi(packet[ihl:ihl + 4], src)
+            self._unknown_spi(packet[ihl:ihl + 4], src)
+            return None
         if state.remote != src:
             state.inbound.drop("wrong_source")
             return None
@@ -417,7 +420,8 @@ class Engine:
             return None
         state = self._in.get((dst, int.from_bytes(esp_packet[:4], "big")))
         if state is None:
-            return self._unknown_spi(esp_packet[:4], src)
+            self._unknown_spi(esp_packet[:4], src)
+            return None
         if state.remote != src:
             state.inbound.drop("wrong_source")
             return None

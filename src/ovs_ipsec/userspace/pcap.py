@@ -318,7 +318,7 @@ def describe_ethernet(frame: bytes) -> dict:
         op = int.from_bytes(frame[20:22], "big")
         sender, target = str(ipaddress.IPv4Address(frame[28:32])), str(ipaddress.IPv4Address(frame[38:42]))
         what = f"who-has {target} tell {sender}" if op == 1 else f"{sender} is-at {_mac(frame[22:28])}"
-        inner = {"kind": "arp-request" if op == 1 else "arp-reply", "arp_op": op, "sender_ip": sender,
+        inner: dict = {"kind": "arp-request" if op == 1 else "arp-reply", "arp_op": op, "sender_ip": sender,
                  "target_ip": target}
         summary = f"ARP {what}"
     elif ethertype in (0x0800, 0x86DD):

@@ -230,7 +230,7 @@ def _tunnel(row: TunnelRow, name: str) -> EspTunnel:
         raise _Reject(f"options:{OPTION_IN_KEY} and options:{OPTION_OUT_KEY} must be different keys")
     return EspTunnel(name=row.name, kind=kind, local_ip=local_ip, remote_ip=remote_ip,
                      dst_port=_port(row, kind), outbound=outbound, inbound=inbound,
-                     replay_window=_replay_window(row), bridge=row.bridge)
+                     replay_window=_replay_window(row), bridge=row.bridge or "")
 
 
 def _address(row: TunnelRow, option: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -34,7 +34,7 @@ def as_dict(status: ServiceStatus) -> dict:
         "outbound": _counters(t.outbound), "inbound": _counters(t.inbound),
     } for t in status.engine.tunnels]
     tunnels += [{"name": i.name, "state": i.state, "reason": i.reason} for i in status.invalid]
-    tunnels.sort(key=lambda t: t["name"])
+    tunnels.sort(key=lambda t: str(t["name"]))
     return {
         "uplink": status.uplink,
         "gateway_mac": status.engine.gateway_mac,

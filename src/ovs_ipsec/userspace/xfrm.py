@@ -99,6 +99,8 @@ def parse_xfrm_state(text: str) -> list[KnownSa]:
     sas = []
     for block in _blocks(text):
         head = _STATE_HEAD.fullmatch(block[0])
+        if head is None:
+            continue
         fields: dict = {}
         for line in block[1:]:
             for name, pattern in (("proto", _STATE_PROTO), ("aead", _STATE_AEAD), ("sel", _STATE_SEL),

@@ -13,11 +13,19 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
 from ...errors import BackendError, CommandError
-from ...model import AuthMethod, ObservedState
+from ...model import AuthMethod, ObservedState, Tunnel
 from ...planner import (
-    Action, Initiate, LoadConn, LoadSecret, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
+    Action,
+    Initiate,
+    LoadConn,
+    LoadSecret,
+    Naming,
+    Peering,
+    TerminateChild,
+    UnloadConn,
+    UnloadSecret,
 )
-from ...runner import run
+from ...runner import Runner, run
 from . import nss, parse, render
 from .files import ConnFiles, Paths
 
@@ -50,16 +58,18 @@ class LibreSwanBackend:
     name = "libreswan"
 
     def __init__(self, paths: Paths, timeout: float = 30.0, default_crypto: bool = False,
-                 dialect: Dialect | None = None, poll_interval: float = POLL_INTERVAL) -> None:
+                 dialect: Dialect | None = None, poll_interval: float = POLL_INTERVAL, run: Runner = run) -> None:
         self.paths = paths
+        self._run = run
         self._timeout = timeout
         self._dialect = dialect
         self._style = render.Style(major=dialect.major if dialect else 4, default_crypto=default_crypto)
         # Through self._style, so the names follow the detected version whenever it is detected.
         self.naming = Naming(conn_name=lambda t: render.conn_name(t, self._style),
                              secret_id=lambda t: render.secret_id(t, self._style),
-                             child_names=lambda t: render.child_names(t, self._style))
-        self._nss = nss.NssDatabase(paths.nss_dir, timeout)
+                             child_names=lambda t: render.child_names(t, self._style),
+                             child_owner=render.child_owner)
+        self._nss = nss.NssDatabase(paths.nss_dir, timeout, run)
         self._files = ConnFiles(paths)
         self._poll_interval = poll_interval
         self._lock = threading.Lock()  # guards the caches below against the poller thread
@@ -87,7 +97,7 @@ class LibreSwanBackend:
     def dialect(self) -> Dialect:
         if self._dialect is None:
             try:
-                out = run([self.paths.ipsec, "--version"], timeout=self._timeout)
+                out = self._run([self.paths.ipsec, "--version"], timeout=self._timeout)
             except CommandError as exc:
                 raise BackendError(f"cannot tell the LibreSwan version: {exc}", transport=True) from exc
             found = parse.version(out.stdout + out.stderr)
@@ -97,7 +107,7 @@ class LibreSwanBackend:
             if found[0] < 4:
                 log.warning("LibreSwan %d.%d is older than 4.0 and untested; using the 4.x syntax", *found)
             self._dialect = Dialect(*found)
-            self._style = replace(self._style, major=found[0])
+            self._style = replace(self._style, major=found[0], minor=found[1])
             log.info("driving LibreSwan %d.%d through %s (control socket %s)", *found, self.paths.ipsec,
                      self.paths.ctl)
         return self._dialect
@@ -105,7 +115,7 @@ class LibreSwanBackend:
     def _command(self, what: str, argv: list[str], query: bool = False) -> str:
         """Run one command; a query (status) that fails means pluto is unreachable for everyone."""
         try:
-            result = run(argv, timeout=self._timeout, check=False)
+            result = self._run(argv, timeout=self._timeout, check=False)
         except CommandError as exc:
             raise BackendError(f"pluto: {what}: {exc}", transport=query) from exc
         if parse.unreachable(result.stdout, result.stderr):
@@ -165,6 +175,7 @@ class LibreSwanBackend:
                 text = render.secrets_file(action.peering)
             except ValueError as exc:
                 raise BackendError(f"cannot describe {action.peering.conn_name} to pluto: {exc}") from exc
+            assert action.peering.secret_id is not None  # only PSK peerings have a secret to load
             if self._files.write(action.peering.secret_id, ".secrets", text, secret=True):
                 self._secrets_fresh = False
         elif isinstance(action, UnloadSecret):
@@ -222,11 +233,18 @@ class LibreSwanBackend:
                 self._loaded[peering.conn_name] = set(wanted)
 
     def _unload(self, peering_name: str) -> None:
-        names: set[str] = set()
+        """Delete the peering's pluto connections, by the names pluto lists for it.
+
+        Names come from pluto's own list (matched in full against our naming scheme), never from
+        a file: a file can be edited behind our back, and what it says must not decide what gets
+        deleted."""
         with self._lock:
-            names |= (self._loaded or {}).get(peering_name, set())
-        text = self._files.read(peering_name, ".conf")
-        names |= {line.split(None, 1)[1].strip() for line in text.splitlines() if line.startswith("conn ")}
+            known = self._loaded
+        if known is None:
+            self.observe(None)
+            with self._lock:
+                known = self._loaded or {}
+        names = set(known.get(peering_name, ()))
         # Children first, the anchor (which holds the IKE SA) last.
         for name in sorted(names, key=lambda n: n == render.anchor_name(peering_name)):
             self._whack(f"delete {name}", "--name", name, "--delete")
@@ -234,9 +252,7 @@ class LibreSwanBackend:
         with self._lock:
             (self._loaded or {}).pop(peering_name, None)
             self._ike.pop(peering_name, None)
-        if render.nicknames_in(text):
-            self._nss_dirty = True
-            self.cleanup_credentials(())
+        self._nss_dirty = True
 
     def flush(self) -> None:
         if not self._secrets_fresh:
@@ -263,6 +279,7 @@ class LibreSwanBackend:
     def _install_certificates(self, peering: Peering) -> None:
         first = peering.tunnels[0]
         local, peer, ca = render.nss_names(first)
+        assert local is not None  # a certificate tunnel always has its own certificate
         changed = self._nss.ensure(local, first.local_cert_pem or b"", "u,u,u", key_pem=first.local_key_pem or b"")
         if peer:
             changed |= self._nss.ensure(peer, first.remote_cert_pem or b"", nss.TRUST_PEER)
@@ -270,17 +287,14 @@ class LibreSwanBackend:
             changed |= self._nss.ensure(ca, first.ca_cert_pem or b"", nss.TRUST_CA)
         self._nss_dirty |= changed
 
-    def cleanup_credentials(self, keep_keys: Collection[bytes]) -> None:
-        """Delete our NSS entries that no connection file of ours refers to any more.
+    def not_applicable(self, tunnel: Tunnel) -> tuple[tuple[str, str], ...]:
+        return render.not_applicable(tunnel.options, self._style)
 
-        The files, not memory, say what is in use: a restarted monitor that changes nothing
-        must not delete what pluto still uses. (keep_keys is implied by them.)
-        """
+    def cleanup_credentials(self, peerings: Collection[Peering]) -> None:
+        """Delete our NSS entries that none of the peerings in force uses any more."""
         if not self._nss_dirty or not os.path.isdir(self.paths.nss_dir):
             return
-        wanted: set[str] = set()
-        for stem in self._files.stems()[0]:
-            wanted |= render.nicknames_in(self._files.read(stem, ".conf"))
+        wanted = {nickname for peering in peerings for nickname in render.nss_names(peering.tunnels[0]) if nickname}
         try:
             for nickname in sorted(self._nss.nicknames() - wanted):
                 self._nss.delete(nickname, with_key=nickname.startswith("ovsipsec-key-"))

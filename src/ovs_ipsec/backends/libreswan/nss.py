@@ -15,18 +15,22 @@ import secrets
 import shutil
 import tempfile
 
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
 from ...errors import BackendError, CommandError
-from ...runner import run
+from ...runner import Runner, run
 from . import parse
 
 log = logging.getLogger(__name__)
 
+PKCS12_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
 TRUST_PEER = "P,P,P"  # a pinned peer certificate: trusted as itself, not as a CA
 TRUST_CA = "CT,,"
 
 
 class NssDatabase:
-    def __init__(self, directory: str, timeout: float) -> None:
+    def __init__(self, directory: str, timeout: float, run: Runner = run) -> None:
+        self._command = run
         self.directory = directory
         self._db = f"sql:{directory}"
         self._timeout = timeout
@@ -34,7 +38,7 @@ class NssDatabase:
 
     def _run(self, what: str, argv: list[str], input_text: str | None = None, check: bool = True):
         try:
-            return run(argv, timeout=self._timeout, input_text=input_text, check=check)
+            return self._command(argv, timeout=self._timeout, input_text=input_text, check=check)
         except CommandError as exc:
             raise BackendError(f"NSS database {self.directory}: cannot {what}: {exc}") from exc
 
@@ -94,8 +98,11 @@ class NssDatabase:
 
         password = secrets.token_hex(16)
         try:
+            key = serialization.load_pem_private_key(key_pem, None)
+            if not isinstance(key, PKCS12_KEY_TYPES):
+                raise BackendError(f"NSS database {self.directory}: {type(key).__name__} keys cannot be imported")
             bundle = pkcs12.serialize_key_and_certificates(
-                nickname.encode(), serialization.load_pem_private_key(key_pem, None),
+                nickname.encode(), key,
                 x509.load_pem_x509_certificate(cert_pem), None,
                 serialization.BestAvailableEncryption(password.encode()))
         except (ValueError, TypeError) as exc:

@@ -8,17 +8,29 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Collection
+from typing import TypeVar
 
 import vici
 import vici.exception
 
 from ...errors import BackendError
-from ...model import ObservedState
-from ...planner import Action, Initiate, LoadConn, LoadSecret, Naming, TerminateChild, UnloadConn, UnloadSecret
+from ...model import ObservedState, Tunnel
+from ...planner import (
+    Action,
+    Initiate,
+    LoadConn,
+    LoadSecret,
+    Naming,
+    Peering,
+    TerminateChild,
+    UnloadConn,
+    UnloadSecret,
+)
 from ..naming import is_ours
 from . import parse, render
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EVENT_TYPES = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"]
 
@@ -41,11 +53,12 @@ class StrongSwanBackend:
         self._stop = threading.Event()
         self._event_socket: socket.socket | None = None
 
-    naming = Naming(conn_name=render.conn_name, secret_id=render.secret_id, child_names=render.child_names)
+    naming = Naming(conn_name=render.conn_name, secret_id=render.secret_id, child_names=render.child_names,
+                    child_owner=render.child_owner)
 
     # -- calls ---------------------------------------------------------------------------
 
-    def _call(self, what: str, func: Callable[[vici.Session], object]) -> object:
+    def _call(self, what: str, func: Callable[[vici.Session], T]) -> T:
         """Run one VICI exchange; a broken or slow socket is dropped so the next call reconnects."""
         try:
             if self._session is None:
@@ -83,9 +96,8 @@ class StrongSwanBackend:
             secrets = frozenset()  # a scoped look leaves secrets to the caller's cache
             conns, sas = {}, {}
             for name in conn_names:
-                conns.update(parse.owned_conns(self._call(f"list-conns {name}",
-                                                          lambda s, n=name: list(s.list_conns({"ike": n})))))
-                sas.update(parse.ike_sas(self._call(f"list-sas {name}", lambda s, n=name: list(s.list_sas({"ike": n})))))
+                conns.update(parse.owned_conns(self._call(f"list-conns {name}", _listing("list_conns", name))))
+                sas.update(parse.ike_sas(self._call(f"list-sas {name}", _listing("list_sas", name))))
         return ObservedState(conns=conns, shared_secrets=secrets, sas=sas)
 
     def flush(self) -> None:
@@ -136,12 +148,15 @@ class StrongSwanBackend:
         reply = self._call("load-key", lambda s: s.load_key({"type": "any", "data": key_pem.decode()}))
         self._loaded_keys[digest] = parse.load_key_id(reply) or ""
 
-    def cleanup_credentials(self, keep_keys: Collection[bytes]) -> None:
-        keep = {hashlib.sha256(pem).hexdigest() for pem in keep_keys}
+    def not_applicable(self, tunnel: Tunnel) -> tuple[tuple[str, str], ...]:
+        return render.not_applicable(tunnel.options)
+
+    def cleanup_credentials(self, peerings: Collection[Peering]) -> None:
+        keep = {hashlib.sha256(p.tunnels[0].local_key_pem).hexdigest() for p in peerings if p.tunnels[0].local_key_pem}
         for digest, key_id in list(self._loaded_keys.items()):
             if digest not in keep:
                 if key_id:
-                    self._call("unload-key", lambda s, k=key_id: s.unload_key({"id": k}))
+                    self._call("unload-key", _command("unload_key", {"id": key_id}))
                 del self._loaded_keys[digest]
 
     # -- events ------------------------------------------------------------------------------
@@ -187,6 +202,15 @@ class StrongSwanBackend:
             except OSError:
                 pass
         self._drop_session()
+
+
+def _listing(method: str, conn_name: str) -> Callable[[vici.Session], list]:
+    """A streamed listing of one connection, collected (the session's generator is lazy)."""
+    return lambda session: list(getattr(session, method)({"ike": conn_name}))
+
+
+def _command(method: str, message: dict) -> Callable[[vici.Session], object]:
+    return lambda session: getattr(session, method)(message)
 
 
 def _drain(stream) -> None:

@@ -9,14 +9,20 @@ the very same names, so nothing is reloaded and no SA is dropped.
 
 from __future__ import annotations
 
-from ...model import AuthMethod, Tunnel
+import re
+
+from ...model import AuthMethod, IkeOptions, Tunnel
 from ...planner import Peering
 from ..naming import OWNER_PREFIX, digest, direction
 
+CHILD_NAME = re.compile(r"(?P<tunnel>[A-Za-z0-9_.:@+-]{1,200})-(?:in|out|gre)-[0-9a-f]{6}")
 # Upstream ovs-monitor-ipsec's strongSwan proposals, kept so that mixed clusters interoperate.
 DEFAULT_IKE_PROPOSAL = "aes256gcm16-sha256-modp2048"
 DEFAULT_ESP_PROPOSAL = "aes256gcm16-modp2048"
-DEFAULT_DPD_DELAY = "30s"
+DEFAULT_ESP_PROPOSAL_NO_PFS = "aes256gcm16"
+DEFAULT_DPD_DELAY = 30
+# ipsec.conf's defaults, which the rekeying options were written against.
+IKE_LIFETIME, SA_LIFETIME, DEFAULT_MARGIN, DEFAULT_FUZZ = 3 * 3600, 3600, 9 * 60, 100
 
 
 def conn_name(tunnel: Tunnel) -> str:
@@ -32,33 +38,50 @@ def child_names(tunnel: Tunnel) -> tuple[str, ...]:
     return tuple(f"{tunnel.name}-{direction(selector)}-{parameters}" for selector in tunnel.selectors)
 
 
+def child_owner(child: str) -> str | None:
+    match = CHILD_NAME.fullmatch(child)
+    return match["tunnel"] if match else None
+
+
 def render_conn(peering: Peering) -> dict:
     """The load-conn message for a peering: its IKE parameters and every member tunnel's children."""
     body = _ike_body(peering.tunnels[0])
-    children = {}
+    children: dict[str, dict] = {}
     for tunnel in peering.tunnels:
-        children.update(zip(child_names(tunnel), _child_bodies(tunnel)))
+        children.update(zip(child_names(tunnel), _child_bodies(tunnel), strict=True))
     body["children"] = children
     return {peering.conn_name: body}
 
 
 def _ike_body(tunnel: Tunnel) -> dict:
-    options = dict(tunnel.ike_options)
+    options = tunnel.options
     body = {
         "version": "2",
         "local_addrs": [tunnel.local_ip or "%any"],
         "remote_addrs": [tunnel.remote_ip],
-        "proposals": [options.get("ike", DEFAULT_IKE_PROPOSAL)],
-        "encap": "yes" if tunnel.forceencaps else "no",
-        "dpd_delay": options.get("dpd-delay", options.get("dpddelay", DEFAULT_DPD_DELAY)),
+        "proposals": _proposals(options.ike, DEFAULT_IKE_PROPOSAL),
+        "encap": _yes_no(options.forceencaps),
+        "dpd_delay": f"{DEFAULT_DPD_DELAY if options.dpd_delay is None else options.dpd_delay}s",
         "local": _local_auth(tunnel),
         "remote": _remote_auth(tunnel),
     }
-    if "dpd-timeout" in options or "dpdtimeout" in options:
-        body["dpd_timeout"] = options.get("dpd-timeout", options.get("dpdtimeout"))
-    if "ikelifetime" in options:
-        body["rekey_time"] = options["ikelifetime"]
+    body.update(_rekeying(options.ike_lifetime, IKE_LIFETIME, options, with_life_time=False))
+    for key, value in (("mobike", options.mobike), ("fragmentation", options.fragmentation),
+                       ("keyingtries", options.keyingtries)):
+        if value is not None:
+            body[key] = _yes_no(value) if isinstance(value, bool) else str(value)
     return body
+
+
+def not_applicable(options: IkeOptions) -> tuple[tuple[str, str], ...]:
+    """Options charon has no per-connection setting for, with the reason status shows."""
+    global_only = "charon has this setting in strongswan.conf only, for all connections"
+    return tuple((name, why) for name, value, why in (
+        ("dpd_timeout", options.dpd_timeout, "charon ends an unanswered IKEv2 liveness check after its "
+                                             "retransmission timeout (strongswan.conf), not per connection"),
+        ("retransmit_timeout", options.retransmit_timeout, global_only),
+        ("nat_keepalive", options.nat_keepalive, global_only),
+    ) if value is not None)
 
 
 def _local_auth(tunnel: Tunnel) -> dict:
@@ -77,27 +100,62 @@ def _remote_auth(tunnel: Tunnel) -> dict:
 
 
 def _child_bodies(tunnel: Tunnel) -> list[dict]:
-    options = dict(tunnel.ike_options)
+    options = tunnel.options
+    default_esp = DEFAULT_ESP_PROPOSAL if options.pfs is not False else DEFAULT_ESP_PROPOSAL_NO_PFS
     bodies = []
     for selector in tunnel.selectors:
         child = {
             "mode": "transport",
             "local_ts": [_traffic_selector(selector.protocol, selector.local_port)],
             "remote_ts": [_traffic_selector(selector.protocol, selector.remote_port)],
-            "esp_proposals": [options.get("esp", DEFAULT_ESP_PROPOSAL)],
+            "esp_proposals": [_with_esn(p, options.esn) for p in _proposals(options.esp, default_esp)],
             # Trap on both sides: until an SA exists the kernel holds tunnel packets instead of
             # sending them in plaintext, and a packet triggers negotiation if ours has not.
             "start_action": "trap",
             "dpd_action": "trap",
         }
-        for key in ("salifetime", "lifetime"):
-            if key in options:
-                child["rekey_time"] = options[key]
-        if "replay-window" in options:
-            child["replay_window"] = options["replay-window"]
+        child.update(_rekeying(options.sa_lifetime, SA_LIFETIME, options, with_life_time=True))
+        if options.replay_window is not None:
+            child["replay_window"] = str(options.replay_window)
         bodies.append(child)
     return bodies
 
+
+def _rekeying(lifetime: int | None, default_lifetime: int, options: IkeOptions, with_life_time: bool) -> dict:
+    """ipsec.conf's lifetime, margin and fuzz as charon's rekey, over and rand times.
+
+    ipsec.conf (what upstream wrote these options into) rekeys `margin` before the end of the
+    lifetime, spread by up to `margin * fuzz%`; charon's own fields count from the start. Only
+    what the operator set is rendered: otherwise charon's defaults apply, as they always did.
+    """
+    if lifetime is None and options.rekey_margin is None and options.rekey_fuzz is None:
+        return {}
+    lifetime = default_lifetime if lifetime is None else lifetime
+    margin = DEFAULT_MARGIN if options.rekey_margin is None else options.rekey_margin
+    fuzz = DEFAULT_FUZZ if options.rekey_fuzz is None else options.rekey_fuzz
+    margin = min(margin, lifetime - 1)  # validation refuses margin >= lifetime; never a negative time
+    times = {"rekey_time": f"{lifetime - margin}s", "rand_time": f"{min(margin * fuzz // 100, margin)}s"}
+    if with_life_time:
+        times["life_time"] = f"{lifetime}s"
+    else:
+        times["over_time"] = f"{margin}s"
+    return times
+
+
+def _with_esn(proposal: str, esn: str | None) -> str:
+    """LibreSwan's esn= as charon says it: extended sequence numbers are part of the ESP proposal."""
+    if esn is None or "esn" in proposal.split("-"):
+        return proposal
+    return proposal + {"yes": "-esn", "no": "-noesn", "either": "-esn-noesn"}[esn]
+
+
+def _proposals(chosen: tuple[str, ...] | None, default: str) -> list[str]:
+    # ipsec.conf's strict flag "!" has no VICI equivalent: a VICI list is always strict.
+    return [proposal.rstrip("!") for proposal in chosen] if chosen else [default]
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 def _traffic_selector(protocol: str, port: int | None) -> str:

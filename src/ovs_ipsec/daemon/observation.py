@@ -1,0 +1,71 @@
+"""What the IKE daemon holds, as last looked at, kept in step with our own actions.
+
+A full look lists everything of ours; a scoped look asks about a few connections only, and the
+cache is updated in place (a one-tunnel change among thousands must not copy thousands of
+entries). After each action the cache records its effect without asking the daemon again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from ..backends.base import Backend
+from ..model import ObservedSA, ObservedState
+from ..planner import Action, Initiate, LoadConn, LoadSecret, UnloadConn, UnloadSecret, secret_digest
+
+
+class ObservationCache:
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._conns: dict[str, frozenset[str]] = {}
+        self._secrets: set[str] = set()
+        self._sas: dict[str, tuple[ObservedSA, ...]] = {}
+        self.secret_digests: dict[str, str] = {}  # secret id -> digest of the PSK we last loaded
+        self.daemon_id: str | None = None  # which run of the IKE daemon, as last seen in full
+        self.state = ObservedState(self._conns, self._secrets, self._sas)
+
+    def look(self, scope: Collection[str] | None) -> bool:
+        """Refresh everything (scope None) or the connections in scope; raises BackendError.
+
+        Returns true when a full look found a new run of the IKE daemon (it restarted and lost
+        every SA). A scoped look that finds one of our connections gone looks at everything,
+        because then the cached secrets cannot be trusted either.
+        """
+        if scope is None:
+            fresh = self._backend.observe(None)
+            self._conns, self._secrets, self._sas = dict(fresh.conns), set(fresh.shared_secrets), dict(fresh.sas)
+            known, self.daemon_id = self.daemon_id, fresh.daemon_id
+            restarted = None not in (known, fresh.daemon_id) and known != fresh.daemon_id
+        else:
+            scope = set(scope)
+            fresh = self._backend.observe(scope)
+            if any(name in self._conns and name not in fresh.conns for name in scope):
+                return self.look(None)
+            for name in scope:
+                self._conns.pop(name, None)
+                self._sas.pop(name, None)
+            self._conns.update(fresh.conns)
+            self._sas.update(fresh.sas)
+            # Secrets come from the cache kept in step by record(): listing every secret id for a
+            # one-tunnel change would cost O(N); a full look reads them again.
+            restarted = False
+        self.state = ObservedState(self._conns, self._secrets, self._sas)
+        return restarted
+
+    def record(self, action: Action) -> None:
+        """The effect of an action that just succeeded."""
+        if isinstance(action, LoadSecret):
+            self._secrets.add(action.peering.secret_id or "")
+            self.secret_digests[action.peering.secret_id or ""] = secret_digest(action.peering.psk)
+        elif isinstance(action, UnloadSecret):
+            self._secrets.discard(action.secret_id)
+            self.secret_digests.pop(action.secret_id, None)
+        elif isinstance(action, LoadConn):
+            self._conns[action.peering.conn_name] = frozenset(child for child, _ in action.peering.children)
+        elif isinstance(action, UnloadConn):
+            self._conns.pop(action.conn_name, None)
+            self._sas.pop(action.conn_name, None)
+        elif isinstance(action, Initiate):
+            if not any(sa.established for sa in self._sas.get(action.conn_name, ())):
+                # Negotiating: the planner must not initiate it again before charon reports.
+                self._sas[action.conn_name] = (ObservedSA(action.conn_name, "", "CONNECTING", None, ()),)

@@ -1,0 +1,195 @@
+"""The reconcile loop without root: passes driven by hand against an in-memory IKE daemon."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from testsupport.builders import desired, row
+from testsupport.fakes import FakeBackend
+from ovs_ipsec.daemon.reconciler import TAKEOVER_DELAY, Reconciler
+from ovs_ipsec.daemon.worker import run_due_work
+from ovs_ipsec.daemon.workqueue import WorkQueue
+from ovs_ipsec.model import TunnelState
+from ovs_ipsec.pki.inspect import CertificateInspector
+from ovs_ipsec.planner import Initiate, LoadConn, LoadSecret, UnloadConn
+from ovs_ipsec.status.events import EventLog
+
+PSK = dict(local_ip="10.0.0.1", remote_ip="10.0.0.2", psk="swordfish")
+
+
+class Loop:
+    """One monitor's worker, one pass at a time, on a clock that moves only when told."""
+
+    def __init__(self, backend: FakeBackend | None = None) -> None:
+        self.backend = backend or FakeBackend()
+        self.queue = WorkQueue(resync_interval=60.0)
+        self.reconciler = Reconciler(self.backend, CertificateInspector(), self.queue,
+                                     events=EventLog(logging.getLogger("test.events")))
+        self.now = 1000.0
+
+    def configure(self, *rows, **global_config) -> None:
+        run_due_work(self.reconciler, self.queue, desired(*rows, **global_config), self.now)
+
+    def tick(self, seconds: float = 0.0, dirty=(), full: bool = False) -> None:
+        self.now += seconds
+        self.queue.add(dirty)
+        if full:
+            self.queue.request_full(self.now)
+        run_due_work(self.reconciler, self.queue, None, self.now)
+
+    def status(self, name: str):
+        return next(t for t in self.reconciler.snapshot.tunnels if t.name == name)
+
+    def conn(self, name: str) -> str:
+        return self.status(name).conn
+
+
+def test_a_new_tunnel_is_loaded_and_initiated_then_reported_encrypting():
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", **PSK))
+    assert loop.backend.kinds() == ["LoadSecret", "LoadConn", "Initiate"]
+    assert loop.status("gnv").state is TunnelState.LOADED
+    loop.backend.establish(loop.conn("gnv"), children=False)
+    loop.tick(dirty=[loop.conn("gnv")])
+    assert loop.status("gnv").state is TunnelState.NEGOTIATING
+    loop.backend.establish(loop.conn("gnv"))
+    loop.tick(dirty=[loop.conn("gnv")])
+    assert loop.status("gnv").state is TunnelState.ESTABLISHED and loop.status("gnv").encrypting
+
+
+def test_an_action_that_raises_anything_costs_only_its_connection():
+    backend = FakeBackend()
+    backend.explode = lambda action: isinstance(action, LoadConn) and action.peering.tunnels[0].name == "bad"
+    loop = Loop(backend)
+    loop.configure(row("bad", "geneve", **PSK), row("good", "gre", **dict(PSK, remote_ip="10.0.0.3")))
+    bad, good = loop.status("bad"), loop.status("good")
+    assert bad.state is TunnelState.ERROR
+    assert bad.reason == ("internal error in LoadConn (RuntimeError: unexpected trouble with LoadConn); "
+                          "this is a bug, please report it")
+    assert good.state is TunnelState.LOADED and good.conn in backend.conns
+    assert loop.queue.not_before[bad.conn] == loop.now + 2.0  # retried with backoff
+    backend.explode = lambda action: False
+    loop.tick(2.0)
+    assert loop.status("bad").state is TunnelState.LOADED
+
+
+def test_a_pass_that_raises_is_retried_with_backoff_and_shows_in_status():
+    backend = FakeBackend()
+    loop = Loop(backend)
+    loop.configure(row("gnv", "geneve", **PSK))
+    backend.explode_observe = True
+    loop.tick(dirty=[loop.conn("gnv")])
+    stats = loop.reconciler.snapshot.reconcile
+    # The key had one attempt already (its initiation), so it waits 4 s: requeued, not lost.
+    assert stats.error == ("reconcile pass failed (ValueError: a parser met something it did not expect); "
+                           "retrying in 4 s") and stats.errors == 1
+    assert loop.queue.not_before[loop.conn("gnv")] == loop.now + 4.0
+    backend.explode_observe = False
+    loop.backend.establish(loop.conn("gnv"))
+    loop.tick(4.0)
+    assert loop.status("gnv").state is TunnelState.ESTABLISHED
+    assert loop.reconciler.snapshot.reconcile.error is None
+
+
+def test_a_failing_full_pass_does_not_spin():
+    backend = FakeBackend()
+    backend.explode_observe = True
+    loop = Loop(backend)
+    loop.configure(row("gnv", "geneve", **PSK))
+    assert not loop.queue.has_work(loop.now)  # waits its backoff...
+    assert loop.queue.next_deadline() == loop.now + 2.0
+    loop.tick(2.0)
+    assert loop.queue.next_deadline() == loop.now + 4.0  # ...longer each time
+
+
+def test_an_unreachable_daemon_is_retried_in_full_soon():
+    backend = FakeBackend()
+    backend.unreachable = True
+    loop = Loop(backend)
+    loop.configure(row("gnv", "geneve", **PSK))
+    assert loop.status("gnv").state is TunnelState.ERROR
+    assert "charon did not answer" in loop.reconciler.snapshot.ike_daemon_error
+    backend.unreachable = False
+    loop.tick(5.0)
+    assert loop.status("gnv").state is TunnelState.LOADED
+
+
+def test_an_invalid_edit_keeps_the_last_good_configuration_in_force():
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", **PSK))
+    conn = loop.conn("gnv")
+    sa = loop.backend.establish(conn)
+    loop.tick(dirty=[conn])
+    before = list(loop.backend.applied)
+    for broken in (dict(PSK, psk=""), dict(PSK, dst_port="x"), dict(PSK, remote_ip="10.0.0.2%x")):
+        loop.configure(row("gnv", "geneve", **broken))
+        status = loop.status("gnv")
+        assert status.state is TunnelState.INVALID and status.reason
+        assert status.last_good_since == 1000.0 and status.encrypting and status.conn == conn
+        assert loop.backend.applied == before and loop.backend.sas[conn][0].unique_id == sa
+    loop.tick(60.0)  # a full resync changes nothing either
+    assert not [a for a in loop.backend.applied[len(before):] if not isinstance(a, Initiate)]
+    loop.configure(row("gnv", "geneve", **PSK))  # fixed
+    assert loop.status("gnv").state is TunnelState.ESTABLISHED and loop.status("gnv").last_good_since is None
+    loop.configure()  # deleted on purpose: now it goes
+    assert conn not in loop.backend.conns and UnloadConn(conn) in loop.backend.applied
+
+
+def test_removing_the_ipsec_options_on_purpose_stops_encryption():
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", **PSK))
+    conn = loop.conn("gnv")
+    loop.configure(row("gnv", "geneve", local_ip="10.0.0.1", remote_ip="10.0.0.2"))
+    assert conn not in loop.backend.conns
+
+
+def test_after_a_restart_an_invalid_tunnel_keeps_its_connection_in_the_daemon():
+    backend = FakeBackend()
+    first = Loop(backend)
+    first.configure(row("gnv", "geneve", **PSK), row("other", "gre", **dict(PSK, remote_ip="10.0.0.3")))
+    conn, other = first.conn("gnv"), first.conn("other")
+    backend.establish(conn)
+    second = Loop(backend)  # the monitor restarted and the row is now broken
+    second.configure(row("gnv", "geneve", **dict(PSK, psk="")))
+    assert conn in backend.conns and conn in backend.secrets  # protected: not its to remove
+    assert other not in backend.conns  # a tunnel that is really gone is removed
+    assert second.status("gnv").state is TunnelState.INVALID
+
+
+def test_a_restarted_ike_daemon_makes_responders_initiate_after_the_takeover_delay():
+    backend = FakeBackend()
+    loop = Loop(backend)
+    responder = row("gnv", "geneve", local_ip="10.0.0.9", remote_ip="10.0.0.2", psk="x")  # higher: responder
+    loop.configure(responder)
+    conn = loop.conn("gnv")
+    assert "Initiate" not in backend.kinds()
+    backend.restart()
+    loop.tick(60.0)  # the full resync sees a new daemon and reloads
+    assert LoadConn in {type(a) for a in backend.applied[-3:]} and "Initiate" not in backend.kinds()
+    loop.tick(TAKEOVER_DELAY)
+    assert isinstance(backend.applied[-1], Initiate) and backend.applied[-1].conn_name == conn
+
+
+def test_an_unknown_option_is_reported_not_applied():
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", ipsec_leftupdown="/bin/evil", ipsec_dpdtimeout="120s", **PSK))
+    status = loop.status("gnv")
+    assert status.state is TunnelState.LOADED
+    assert dict(status.ignored_options) == {
+        "ipsec_leftupdown": "refused: would run a command as root",
+        "dpd_timeout": "charon ends an unanswered IKEv2 liveness check after its retransmission timeout "
+                       "(strongswan.conf), not per connection"}
+
+
+@pytest.mark.parametrize("hostile", [
+    {"remote_ip": 'fe80::1%x\n192.0.2.7 198.51.100.9 : PSK "attacker"\n#'},
+    {"dst_port": "²"}, {"local_ip": "fe80::1%eth0", "remote_ip": "fe80::2"}, {"ipsec_ike": "aes\n"},
+])
+def test_hostile_rows_never_reach_the_daemon_and_the_others_keep_working(hostile):
+    loop = Loop()
+    loop.configure(row("bad", "vxlan", **dict(PSK, **hostile)), row("good", "gre", **PSK))
+    assert {a.peering.tunnels[0].name for a in loop.backend.applied if isinstance(a, (LoadConn, LoadSecret))} \
+        == {"good"}
+    assert loop.status("bad").state is TunnelState.INVALID and loop.status("good").state is TunnelState.LOADED

@@ -1,0 +1,86 @@
+"""Processes and sockets: wait for a condition, read a pid, stop a process by its pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll until predicate() is truthy; return its value or raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def socket_answers(path: str) -> bool:
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def read_pid(pidfile: Path | str) -> int | None:
+    try:
+        return int(Path(pidfile).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def kill_pidfile(pidfile: Path | str, sig: int = signal.SIGTERM) -> None:
+    pid = read_pid(pidfile)
+    if pid is not None:
+        kill_pid(pid, sig)
+
+
+def kill_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    wait_gone(pid, timeout)
+
+
+def wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)  # reap our own children
+            if finished:
+                return
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if is_zombie(pid):
+            return
+        time.sleep(0.05)
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
+def unlink(*paths: Path | str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
