@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The overlay's root, /opt/ovs-ipsec: the project's testsupport package (one charon template).
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import golden                                              # noqa: E402
 import guard                                               # noqa: E402

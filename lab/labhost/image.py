@@ -459,8 +459,8 @@ def build_overlay(distro: Distro, pydeps: Path) -> Path:
     src = paths.REPO / "src"
     # The userspace ESP throughput scenario runs the benchmark's bump and traffic generator.
     bench = [paths.REPO / "bench" / name for name in BENCH_FILES]
-    key = digest(distro.python, pydeps.name, src, paths.GUEST, paths.SCENARIOS, *bench,
-                 *sorted(GOLDEN_CONFS.glob("libreswan*.conf")))
+    key = digest(distro.python, pydeps.name, src, paths.GUEST, paths.SCENARIOS, paths.REPO / "testsupport",
+                 *bench, *sorted(GOLDEN_CONFS.glob("libreswan*.conf")))
     stage = _stage(distro, "overlay")
     image = stage / f"{key}.img"
     if image.exists():
@@ -473,6 +473,7 @@ def build_overlay(distro: Distro, pydeps: Path) -> Path:
         shutil.copytree(src, tree / "src", ignore=ignore)
         shutil.copytree(pydeps, tree / "pydeps", symlinks=True)
         shutil.copytree(paths.GUEST, tree / "lab", ignore=ignore)
+        shutil.copytree(paths.REPO / "testsupport", tree / "testsupport", ignore=ignore)
         shutil.copy2(paths.SCENARIOS, tree / "lab/scenarios.toml")
         (tree / "bench").mkdir()
         for path in bench:
@@ -487,7 +488,7 @@ def build_overlay(distro: Distro, pydeps: Path) -> Path:
         # (QEMU's snapshot=on keeps those writes out of this cached image): once per boot.
         py = _host_python(distro.python)
         if py:
-            subprocess.run([py, "-m", "compileall", "-q", "-j", "0", tree / "src", tree / "lab", tree / "bench",
+            subprocess.run([py, "-m", "compileall", "-q", "-j", "0", tree / "src", tree / "lab", tree / "testsupport", tree / "bench",
                             tree / "pydeps"],
                            capture_output=True)
         else:

@@ -262,13 +262,9 @@ class Engine:
         size = IPV4_HEADER_LEN + len(payload) + esp.esp_overhead(len(payload))
         if state.path_mtu is not None and size > state.path_mtu:
             return self._too_big(state, frame, payload, size)
-        seq = state.out_seq + 1
-        if seq > state.out_limit and not self._reserve(state, seq):
+        sealed = self._seal(state, payload, protocol)
+        if sealed is None:
             return None
-        state.out_seq = seq
-        sealed = esp.seal(state.out_cipher, seq, esp.iv_for(seq), payload, protocol)
-        state.out.packets += 1
-        state.out.bytes += len(payload)
         # IP_HDRINCL: the kernel fills in the header checksum (and the ID when it is 0).
         header = frames.IPV4_HEADER.pack(0x45, tos, IPV4_HEADER_LEN + len(sealed), ident, flags_frag & 0x4000,
                                          ttl, frames.IPPROTO_ESP, 0, src, dst)
@@ -297,6 +293,18 @@ class Engine:
         else:
             self._count("uplink_not_tunnel")
         return None
+
+    def _seal(self, state: TunnelState, payload: bytes, next_header: int) -> bytes | None:
+        """The ESP packet under the next sequence number, reserved on disk first when the last
+        reservation is used up (None: it could not be, so nothing is sent)."""
+        seq = state.out_seq + 1
+        if seq > state.out_limit and not self._reserve(state, seq):
+            return None
+        state.out_seq = seq
+        sealed = esp.seal(state.out_cipher, seq, esp.iv_for(seq), payload, next_header)
+        state.out.packets += 1
+        state.out.bytes += len(payload)
+        return sealed
 
     def _too_big(self, state: TunnelState, frame: bytes, payload: bytes, size: int) -> tuple | None:
         state.out.drop("too_big")
@@ -354,13 +362,9 @@ class Engine:
         size = IPV6_HEADER_LEN + len(payload) + esp.esp_overhead(len(payload))
         if state.path_mtu is not None and size > state.path_mtu:
             return self._too_big(state, frame, payload, size)
-        seq = state.out_seq + 1
-        if seq > state.out_limit and not self._reserve(state, seq):
+        sealed = self._seal(state, payload, next_header)
+        if sealed is None:
             return None
-        state.out_seq = seq
-        sealed = esp.seal(state.out_cipher, seq, esp.iv_for(seq), payload, next_header)
-        state.out.packets += 1
-        state.out.bytes += len(payload)
         header = frames.ipv6_header((first >> 20) & 0xFF, first & 0xFFFFF, len(sealed), frames.IPPROTO_ESP,
                                     hop_limit, src, dst)
         return TO_WIRE, header + sealed, state.remote_text
