@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 from ovs_ipsec.runner import run
-from ovs_ipsec.sandbox import Host, _kill_pid, _read_pid, _socket_answers, wait_for
+from testsupport.procs import kill_pid, read_pid, socket_answers, wait_for
+from testsupport.sandbox import Host
 
 UPLINK_OVS = "esp-ovs"
 UPLINK_BUMP = "esp-gw"
@@ -65,7 +66,7 @@ class NetdevHost:
                                        f"--unixctl={d}/ovs-vswitchd.ctl", f"--log-file={d}/ovs-vswitchd.log",
                                        "--detach", "--no-chdir", "-vconsole:off"),
                        env=self.host.env, check=True, timeout=60)
-        wait_for(lambda: _socket_answers(str(d / "ovs-vswitchd.ctl")), 20, what="ovs-vswitchd")
+        wait_for(lambda: socket_answers(str(d / "ovs-vswitchd.ctl")), 20, what="ovs-vswitchd")
 
     def setup_underlay_bridge(self, peers: list[str]) -> None:
         """br-phy holds local_ip (no prefix route: the kernel routes ESP through the underlay
@@ -109,15 +110,15 @@ class NetdevHost:
                                f"--pidfile={d}/esp.pid", f"--log-file={d}/esp.log", "--detach", "--no-chdir",
                                "-vconsole:off", "-vfile:dbg", *extra)
         subprocess.run(argv, env=self.host.env, check=True, timeout=60)
-        wait_for(lambda: _socket_answers(self.esp_ctl), 20, what=f"userspace-esp on {self.name}")
+        wait_for(lambda: socket_answers(self.esp_ctl), 20, what=f"userspace-esp on {self.name}")
 
     def esp_pid(self) -> int | None:
-        return _read_pid(self.d / "esp.pid")
+        return read_pid(self.d / "esp.pid")
 
     def stop_esp(self, hard: bool = False) -> None:
         pid = self.esp_pid()
         if pid is not None:
-            _kill_pid(pid, signal.SIGKILL if hard else signal.SIGTERM)
+            kill_pid(pid, signal.SIGKILL if hard else signal.SIGTERM)
         (self.d / "esp.pid").unlink(missing_ok=True)
 
     def esp_status(self) -> dict:
@@ -168,9 +169,9 @@ class NetdevHost:
                 process.wait(10)
 
     def _stop_vswitchd(self) -> None:
-        pid = _read_pid(self.d / "ovs-vswitchd.pid")
+        pid = read_pid(self.d / "ovs-vswitchd.pid")
         if pid is not None:
-            _kill_pid(pid, signal.SIGTERM)
+            kill_pid(pid, signal.SIGTERM)
 
 
 class Capture:
