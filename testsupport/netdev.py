@@ -84,6 +84,20 @@ class NetdevHost:
         for peer in peers:
             self.appctl("ovs-vswitchd", "ovs/route/add", f"{peer}/{128 if ':' in peer else 32}", "br-phy")
 
+    def setup_plain_underlay(self, peers: list[str]) -> None:
+        """br-phy owns the underlay device itself, as an OVS-DPDK host's bridge owns its NIC: tunnel
+        packets leave through OVS's own port, with no ESP bump (and no kernel IP stack) in the way."""
+        device = self.host.device
+        self.vsctl("add-br", "br-phy", "--", "set", "bridge", "br-phy", "datapath_type=netdev")
+        self.vsctl("add-port", "br-phy", device)
+        self.ns("ip", "addr", "flush", "dev", device)
+        for address in self.host.addresses:
+            self.ns("ip", "addr", "add", f"{address}/{64 if ':' in address else 24}", "dev", "br-phy",
+                    *(["nodad"] if ":" in address else []))
+        self.ns("ip", "link", "set", "br-phy", "up")
+        for peer in peers:
+            self.appctl("ovs-vswitchd", "ovs/route/add", f"{peer}/{128 if ':' in peer else 32}", "br-phy")
+
     def add_overlay_bridge(self, bridge: str, address: str, mtu: int | None = None) -> None:
         self.vsctl("add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=netdev")
         self.ns("sysctl", "-qw", f"net.ipv6.conf.{bridge}.disable_ipv6=1")

@@ -29,7 +29,7 @@ def test_ipsec_options_on_a_netdev_tunnel_are_reported_unprotected_and_the_wire_
     try:
         for host, peer in ((a, UNDERLAY[1]), (b, UNDERLAY[0])):
             host.start_ovs()
-            host.setup_underlay_bridge([peer])
+            host.setup_plain_underlay([peer])
             host.add_overlay_bridge("br-vx", f"10.244.0.{1 if host is a else 2}/24")
         capture = Capture(b, sandbox.workdir / "underlay.pcap")
         a.host.vsctl("set", "Open_vSwitch", ".", "other_config:ipsec_skb_mark=0/1")
@@ -54,7 +54,8 @@ def test_ipsec_options_on_a_netdev_tunnel_are_reported_unprotected_and_the_wire_
         wait_for(lambda: external_ids(a, "vx-dpdk").get("ipsec_state") == "unprotected", 10,
                  what="ipsec_state=unprotected in OVSDB")
 
-        a.ping("10.244.0.2", count=1, timeout=3)   # ARP and OVS's tunnel neighbour
+        wait_for(lambda: a.ping("10.244.0.2", count=1, timeout=1)[1], 15,
+                 what="the overlay ping (ARP and OVS's tunnel neighbour first)")
         sent, received, out = a.ping("10.244.0.2", count=3)
         capture.stop()
         assert (sent, received) == (3, 3), out
