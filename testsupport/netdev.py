@@ -82,7 +82,7 @@ class NetdevHost:
                     *(["nodad"] if ":" in address else []))
         self.ns("ip", "link", "set", "br-phy", "up")
         for peer in peers:
-            self.appctl("ovs-vswitchd", "ovs/route/add", f"{peer}/{128 if ':' in peer else 32}", "br-phy")
+            self.add_ovs_route(peer)
 
     def setup_plain_underlay(self, peers: list[str]) -> None:
         """br-phy owns the underlay device itself, as an OVS-DPDK host's bridge owns its NIC: tunnel
@@ -96,7 +96,15 @@ class NetdevHost:
                     *(["nodad"] if ":" in address else []))
         self.ns("ip", "link", "set", "br-phy", "up")
         for peer in peers:
-            self.appctl("ovs-vswitchd", "ovs/route/add", f"{peer}/{128 if ':' in peer else 32}", "br-phy")
+            self.add_ovs_route(peer)
+
+    def add_ovs_route(self, peer: str) -> None:
+        """The tunnel route to `peer` through br-phy. ovs-vswitchd refuses it ("Error while inserting
+        route") until it has learnt br-phy's new address from the kernel: retried until then."""
+        prefix = f"{peer}/{128 if ':' in peer else 32}"
+        wait_for(lambda: run(["ovs-appctl", "-t", str(self.d / "ovs-vswitchd.ctl"), "ovs/route/add", prefix,
+                              "br-phy"], timeout=30, check=False).returncode == 0,
+                 10, interval=0.2, what=f"ovs/route/add {prefix} br-phy on {self.name}")
 
     def add_overlay_bridge(self, bridge: str, address: str, mtu: int | None = None) -> None:
         self.vsctl("add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=netdev")

@@ -104,7 +104,7 @@ class Chassis:
         self.host.vsctl(
             "set", "Open_vSwitch", ".", f"external_ids:system-id={self.name}", f"external_ids:hostname={self.name}",
             f"external_ids:ovn-remote={central.sb_db}", "external_ids:ovn-encap-type=geneve",
-            f"external_ids:ovn-encap-ip={self.encap_ip}", "external_ids:ovn-bridge-datapath-type=netdev",
+            f"external_ids:ovn-encap-ip={self.encap_ip}",
             f"other_config:certificate={pki_dir}/{self.name}-cert.pem",
             f"other_config:private_key={pki_dir}/{self.name}-privkey.pem",
             f"other_config:ca_cert={pki_dir}/pki/switchca/cacert.pem")

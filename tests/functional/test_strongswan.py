@@ -50,6 +50,9 @@ def test_tunnels_to_the_same_peer_with_different_psks_are_rejected(two_hosts):
 
 def test_secrets_never_reach_status_or_logs(two_hosts):
     a, b = two_hosts
+    # Every module at debug, python-ovs's jsonrpc included, which would dump each OVSDB update.
+    a.appctl("vlog/set", "file:dbg")
+    a.appctl("vlog/set", "jsonrpc:file:dbg")
     add_pair(a, b, "tun", "geneve", psk="Sup3rS3cretPSK")
     a.wait_ike_up("tun")
     shown = a.appctl("tunnels/show") + a.appctl("tunnels/show", "--json") + a.appctl("ipsec/status")

@@ -44,11 +44,32 @@ class VlogHandler(logging.Handler):
 
 
 def install(module: str) -> None:
-    """Route the `ovs_ipsec` loggers to vlog module `module`.
+    """Route the `ovs_ipsec` loggers to vlog module `module`, and silence python-ovs's OVSDB
+    message dumps. Call before ovs.vlog is initialised (handle_args).
 
     Not the root logger: ovs.vlog writes through Python logging itself, and would loop.
     """
+    _silence_jsonrpc_messages()
     logger = logging.getLogger("ovs_ipsec")
     logger.handlers[:] = [VlogHandler(module)]
     logger.propagate = False
     logger.setLevel(logging.DEBUG)  # vlog's own levels (-v, vlog/set) decide what is written
+
+
+class _NoMessageDumps(ovs.vlog.Vlog):
+    """python-ovs's jsonrpc module logs every OVSDB message it sends or receives at debug level,
+    and those carry options:psk and ESP keys. Its debug lines are dropped whatever `-v` or
+    `vlog/set` ask for (a level clamp would not survive `vlog/set jsonrpc:dbg`); warnings stay."""
+
+    def dbg_is_enabled(self) -> bool:
+        return False
+
+    def dbg(self, message, **kwargs) -> None:  # noqa: ARG002 - the signature of Vlog.dbg
+        return None
+
+
+def _silence_jsonrpc_messages() -> None:
+    import ovs.jsonrpc
+
+    if not isinstance(ovs.jsonrpc.vlog, _NoMessageDumps):
+        ovs.jsonrpc.vlog = _NoMessageDumps("jsonrpc")

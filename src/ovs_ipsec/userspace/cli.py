@@ -69,9 +69,6 @@ def run_service(args: argparse.Namespace) -> int:
         return 1
     logbridge.install("ovs_ipsec")
     ovs.vlog.handle_args(args)
-    # python-ovs's jsonrpc module logs every OVSDB message at debug level, and those carry
-    # options:esp_*_key: never below info, whatever -v asks for.
-    ovs.vlog.Vlog.set_level("jsonrpc", "any", "info")
     ovs.daemon.handle_args(args)
     log = logging.getLogger("ovs_ipsec.userspace")
     try:
