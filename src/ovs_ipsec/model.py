@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-from collections.abc import Mapping, Set as AbstractSet
+from collections.abc import Hashable, Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 
 
@@ -60,12 +60,54 @@ class GlobalConfig:
     skb_mark: str | None = None
 
 
+CHANGE_LOG_DEPTH = 64  # versions a ChangeLog remembers; a consumer further behind compares everything
+
+
+@dataclass(frozen=True)
+class ChangeLog:
+    """Which keys each of the last few versions of a keyed snapshot changed.
+
+    A consumer that holds an older version of a snapshot (the worker skips versions when OVSDB
+    changes faster than it converges) learns what changed since then without comparing every key,
+    so a one-row change among thousands costs one row downstream. `source` tells producers apart:
+    versions of two different producers are unrelated.
+    """
+
+    source: object = None
+    version: int = 0
+    recent: tuple[frozenset, ...] = ()  # recent[-1]: the keys changed from version - 1 to version
+
+    @classmethod
+    def start(cls) -> ChangeLog:
+        return cls(source=object())
+
+    def advance(self, changed: AbstractSet) -> ChangeLog:
+        return ChangeLog(self.source, self.version + 1, (self.recent + (frozenset(changed),))[-CHANGE_LOG_DEPTH:])
+
+    def since(self, seen: ChangeLog | None) -> frozenset | None:
+        """The keys changed after `seen` (an earlier ChangeLog of this producer); None: unknown,
+        compare everything (another producer, or further behind than the log remembers)."""
+        if seen is None or self.source is None or seen.source is not self.source:
+            return None
+        behind = self.version - seen.version
+        if behind == 0:
+            return frozenset()
+        if behind < 0 or behind > len(self.recent):
+            return None
+        return frozenset().union(*self.recent[-behind:])
+
+
 @dataclass(frozen=True)
 class DesiredState:
-    """Everything the operator asked for, as read from OVSDB in one snapshot."""
+    """Everything the operator asked for, as read from OVSDB in one snapshot.
+
+    `interfaces` is keyed by row identity (the OVSDB row's UUID) and is never modified once handed
+    out: the reader copies it (a C-level dict copy) and updates only the rows that changed.
+    """
 
     global_config: GlobalConfig
-    interfaces: tuple[InterfaceRow, ...]
+    interfaces: Mapping[Hashable, InterfaceRow]
+    changes: ChangeLog = ChangeLog()  # which keys of `interfaces` changed, version by version
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The IDL lives in the main thread only (python-ovs is not thread safe); what leaves this module is
 frozen values. Rows are converted once and cached by UUID, so a change to one Interface among
-thousands costs one conversion, not thousands.
+thousands costs one conversion, not thousands, and each snapshot says which rows changed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import ovs.db.idl
 import ovs.poller
 
 from ..errors import OvsIpsecError
-from ..model import DesiredState, GlobalConfig, InterfaceRow
+from ..model import ChangeLog, DesiredState, GlobalConfig, InterfaceRow
 
 INTERFACE_COLUMNS = ["name", "type", "options", "ofport", "cfm_fault"]
 # Replicated for the status writer (ovsdb/writer.py), which must see what it would change. Changes
@@ -103,7 +103,8 @@ class OvsdbReader:
         helper.register_columns("Interface", INTERFACE_COLUMNS + sorted(WRITE_BACK_COLUMNS))
         helper.register_columns("Open_vSwitch", OPEN_VSWITCH_COLUMNS)
         self._idl = _TrackingIdl(remote, helper)
-        self._rows: dict = {}
+        self._rows: dict = {}  # Interface uuid -> InterfaceRow, as last handed out
+        self._changes = ChangeLog.start()
         self._seen_seqno = -1
 
     def run(self) -> bool:
@@ -126,16 +127,30 @@ class OvsdbReader:
         self._idl.close()
 
     def snapshot(self) -> DesiredState:
+        """The rows as of now: the previous snapshot's rows with those the IDL reported changed
+        converted again, and which keys changed (the snapshot's ChangeLog)."""
         self._seen_seqno = self._relevant_seqno()
         changed, self._idl.changed_interfaces = self._idl.changed_interfaces, set()
         current = self._idl.tables["Interface"].rows
-        rows = {}
-        for uuid, row in current.items():
-            cached = self._rows.get(uuid)
-            rows[uuid] = cached if cached is not None and uuid not in changed else interface_from_row(row)
+        rows = dict(self._rows)  # never modify a dict already handed out: snapshots cross threads
+        keys = set()
+        for uuid in changed:
+            row = current.get(uuid)
+            new = interface_from_row(row) if row is not None else None
+            if new != rows.get(uuid):
+                keys.add(uuid)
+                if new is None:
+                    del rows[uuid]
+                else:
+                    rows[uuid] = new
+        if len(rows) != len(current):
+            # The IDL reconnected and cleared its tables, which it does without a notification
+            # per row: rows deleted meanwhile are still here (every live row was notified again).
+            keys.update(uuid for uuid in rows if uuid not in current)
+            rows = {uuid: row for uuid, row in rows.items() if uuid in current}
         self._rows = rows
-        interfaces = tuple(sorted(rows.values(), key=lambda r: r.name))
-        return DesiredState(global_config=self._global_config(), interfaces=interfaces)
+        self._changes = self._changes.advance(keys)
+        return DesiredState(global_config=self._global_config(), interfaces=rows, changes=self._changes)
 
     def _global_config(self) -> GlobalConfig:
         other_config: dict = {}

@@ -15,7 +15,11 @@ _USAGE = "expected value/mask such as 0/1 or 1/1, each a 32-bit number in decima
 
 
 def guard_config(config: GlobalConfig, rows: Iterable[InterfaceRow]) -> GuardConfig:
-    traffic = frozenset(t for t in map(traffic_of_row, rows) if t is not None)
+    return guard_for(config, frozenset(t for t in map(traffic_of_row, rows) if t is not None))
+
+
+def guard_for(config: GlobalConfig, traffic: frozenset[tuple[str, int | None]]) -> GuardConfig:
+    """The guard's configuration from other_config and the traffic of every tunnel row."""
     if config.skb_mark is None:
         return GuardConfig(traffic=traffic)
     try:

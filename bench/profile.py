@@ -1,0 +1,106 @@
+"""Profile our monitor where the benchmark says it spends: one-tunnel changes at N, or the bulk load.
+
+    .venv/bin/python bench/profile.py --n 5000 --changes 20 --out /tmp/prof     # py-spy of +1/-1 changes
+    .venv/bin/python bench/profile.py --n 5000 --phase bulk --out /tmp/prof     # py-spy of the bulk load
+    .venv/bin/python bench/profile.py --n 5000 --phase memory --out /tmp/prof   # tracemalloc after the bulk
+
+The same host, charon settings and OVSDB transactions as `run.py`'s load cell. py-spy samples the
+running monitor from outside (`--idle` threads left out), so what it shows is where the wall time
+of the change goes, per thread. The memory phase restarts the monitor with PYTHONTRACEMALLOC and
+asks it for a top-N (`memory/top`, see --top) over unixctl... which it does not have, so instead
+it reads the snapshot the monitor writes on SIGUSR2 when started with OVS_IPSEC_TRACEMALLOC_DUMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Ovsdb, SpdCounter, log, remote_ip, watch  # noqa: E402
+from run import CHARON_CONF, LOAD_LOCAL, LOAD_REMOTES, WORKDIR, ip  # noqa: E402
+
+from testsupport.sandbox import Sandbox  # noqa: E402
+
+PY_SPY = str(Path(sys.executable).parent / "py-spy")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--changes", type=int, default=20, help="+1/-1 pairs to sample")
+    parser.add_argument("--phase", choices=("changes", "bulk", "memory"), default="changes")
+    parser.add_argument("--rate", type=int, default=2000, help="py-spy samples per second")
+    parser.add_argument("--ours-flags", default="")
+    parser.add_argument("--out", default="/tmp/ovs-ipsec-prof")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "op" + secrets.token_hex(2)
+    folder = WORKDIR / f"prof-{args.n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    with Sandbox(prefix, folder) as box:
+        host = box.add_host("h", f"{LOAD_LOCAL}/16", extra_charon_conf=CHARON_CONF)
+        ip(host.name, "route", "add", f"{LOAD_REMOTES}.0.0/16", "dev", host.device)
+        host.start_ovsdb()
+        host.start_charon()
+        env_flags = args.ours_flags.split()
+        if args.phase == "memory":
+            os.environ["PYTHONTRACEMALLOC"] = "25"
+            os.environ["OVS_IPSEC_TRACEMALLOC_DUMP"] = str(out / "tracemalloc.txt")
+        host.start_monitor(*env_flags)
+        pid = host.monitor_pid()
+        ovsdb = Ovsdb(f"{host.workdir}/db.sock")
+        spd = SpdCounter(host.name)
+        tunnels = [(f"gnv{i}", LOAD_LOCAL, remote_ip(i, LOAD_REMOTES)) for i in range(1, args.n + 1)]
+        spy = None
+        if args.phase == "bulk":
+            spy = _spy(pid, out / f"bulk-{args.n}", args.rate)
+        _, t0 = ovsdb.add_tunnels(tunnels)
+        res = watch(None, lambda: spd.out() >= 2 * args.n, limit=300, quiet=0, interval=0.01, start=t0)
+        log(f"N={args.n} loaded in {res.reached_at - t0:.2f} s")
+        time.sleep(1.0)
+        if args.phase == "changes":
+            spy = _spy(pid, out / f"changes-{args.n}", args.rate)
+            time.sleep(1.0)
+            for k in range(args.changes):
+                index = args.n + 1 + k
+                before = spd.out()
+                _, t = ovsdb.add_tunnels([(f"gnv{index}", LOAD_LOCAL, remote_ip(index, LOAD_REMOTES))])
+                watch(None, lambda: spd.out() >= before + 2, limit=10, quiet=0, interval=0.001, start=t)
+                time.sleep(0.15)
+                before = spd.out()
+                _, t = ovsdb.delete_port(ovsdb.port_uuid(f"gnv{k + 1}"))
+                watch(None, lambda: spd.out() <= before - 2, limit=10, quiet=0, interval=0.001, start=t)
+                time.sleep(0.15)
+        if args.phase == "memory":
+            os.kill(pid, signal.SIGUSR2)
+            time.sleep(3)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        host.stop_monitor()
+        spd.close()
+        ovsdb.close()
+    return 0
+
+
+def _spy(pid: int, stem: Path, rate: int) -> subprocess.Popen:
+    """py-spy in raw (collapsed stacks) form: greppable, and flamegraph.pl-ready."""
+    proc = subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+                             "--threads", "--output", f"{stem}.txt", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return proc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
