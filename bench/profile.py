@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/profile.py --n 5000 --changes 20 --out /tmp/prof     # py-spy of +1/-1 changes
     .venv/bin/python bench/profile.py --n 5000 --phase bulk --out /tmp/prof     # py-spy of the bulk load
-    .venv/bin/python bench/profile.py --n 5000 --phase memory --out /tmp/prof   # tracemalloc after the bulk
+    .venv/bin/python bench/profile.py --n 1000 --phase trace --out /tmp/prof      # strace of one +1
+    .venv/bin/python bench/profile.py --n 5000 --phase memory --out /tmp/prof     # tracemalloc after +1/-1
 
 The same host, charon settings and OVSDB transactions as `run.py`'s load cell. py-spy samples the
 running monitor from outside (`--idle` threads left out), so what it shows is where the wall time
-of the change goes, per thread. The memory phase restarts the monitor with PYTHONTRACEMALLOC and
-asks it for a top-N (`memory/top`, see --top) over unixctl... which it does not have, so instead
-it reads the snapshot the monitor writes on SIGUSR2 when started with OVS_IPSEC_TRACEMALLOC_DUMP.
+of the change goes, per thread. The trace phase records one +1 with strace (every thread, with
+timestamps): when the OVSDB update arrived, when each VICI request left and its answer came. The
+memory phase runs the monitor under bench/memwrap.py (tracemalloc) and has it write where its live
+memory was allocated once the load and a few changes are done.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--changes", type=int, default=20, help="+1/-1 pairs to sample")
-    parser.add_argument("--phase", choices=("changes", "bulk", "memory"), default="changes")
+    parser.add_argument("--phase", choices=("changes", "bulk", "trace", "memory"), default="changes")
     parser.add_argument("--rate", type=int, default=2000, help="py-spy samples per second")
     parser.add_argument("--ours-flags", default="")
     parser.add_argument("--out", default="/tmp/ovs-ipsec-prof")
@@ -52,11 +54,10 @@ def main() -> int:
         ip(host.name, "route", "add", f"{LOAD_REMOTES}.0.0/16", "dev", host.device)
         host.start_ovsdb()
         host.start_charon()
-        env_flags = args.ours_flags.split()
         if args.phase == "memory":
-            os.environ["PYTHONTRACEMALLOC"] = "25"
-            os.environ["OVS_IPSEC_TRACEMALLOC_DUMP"] = str(out / "tracemalloc.txt")
-        host.start_monitor(*env_flags)
+            _start_traced(host, out / f"memory-{args.n}.txt", args.ours_flags.split())
+        else:
+            host.start_monitor(*args.ours_flags.split())
         pid = host.monitor_pid()
         ovsdb = Ovsdb(f"{host.workdir}/db.sock")
         spd = SpdCounter(host.name)
@@ -68,9 +69,10 @@ def main() -> int:
         res = watch(None, lambda: spd.out() >= 2 * args.n, limit=300, quiet=0, interval=0.01, start=t0)
         log(f"N={args.n} loaded in {res.reached_at - t0:.2f} s")
         time.sleep(1.0)
-        if args.phase == "changes":
-            spy = _spy(pid, out / f"changes-{args.n}", args.rate)
-            time.sleep(1.0)
+        if args.phase in ("changes", "memory"):
+            if args.phase == "changes":
+                spy = _spy(pid, out / f"changes-{args.n}", args.rate)
+                time.sleep(1.0)
             for k in range(args.changes):
                 index = args.n + 1 + k
                 before = spd.out()
@@ -83,7 +85,27 @@ def main() -> int:
                 time.sleep(0.15)
         if args.phase == "memory":
             os.kill(pid, signal.SIGUSR2)
-            time.sleep(3)
+            deadline = time.time() + 120
+            while not (out / f"memory-{args.n}.txt").exists() and time.time() < deadline:
+                time.sleep(0.5)
+            time.sleep(2)
+            status = Path(f"/proc/{pid}/status").read_text()
+            log("monitor " + ", ".join(line for line in status.splitlines() if line.startswith(("VmHWM", "VmRSS"))))
+        if args.phase == "trace":
+            host.appctl("refresh", timeout=120)
+            time.sleep(1.0)
+            strace = subprocess.Popen(["strace", "-f", "-tt", "-T", "-s", "80", "-o", str(out / f"trace-{args.n}.txt"),
+                                       "-e", "trace=read,write,recvfrom,sendto,recvmsg,sendmsg,poll,futex",
+                                       "-p", str(pid)], stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+            index = args.n + 1
+            before = spd.out()
+            _, t = ovsdb.add_tunnels([(f"gnv{index}", LOAD_LOCAL, remote_ip(index, LOAD_REMOTES))])
+            res = watch(None, lambda: spd.out() >= before + 2, limit=10, quiet=0, interval=0.0005, start=t)
+            log(f"committed at {t:.6f}, visible after {1000 * (res.reached_at - t):.2f} ms")
+            time.sleep(0.5)
+            strace.send_signal(signal.SIGINT)
+            strace.wait(30)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -91,6 +113,19 @@ def main() -> int:
         spd.close()
         ovsdb.close()
     return 0
+
+
+def _start_traced(host, dump: Path, extra: list[str]) -> None:
+    """The monitor as Host.start_monitor starts it, under bench/memwrap.py."""
+    monitor = host.monitor
+    d = monitor.workdir
+    argv = host.netns(sys.executable, str(Path(__file__).resolve().parent / "memwrap.py"), str(dump), "monitor",
+                      host.db, *host.daemon_flags(), f"--unixctl={monitor.unixctl}", f"--pidfile={monitor.pidfile}",
+                      f"--log-file={d}/ovs-monitor-ipsec.log", "--detach", "--no-chdir", "-vconsole:off", *extra)
+    subprocess.run(argv, env=host.env, check=True, timeout=60)
+    deadline = time.time() + 20
+    while not Path(monitor.unixctl).exists() and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def _spy(pid: int, stem: Path, rate: int) -> subprocess.Popen:

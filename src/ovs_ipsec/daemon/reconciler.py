@@ -87,8 +87,15 @@ class Reconciler:
             if guard_changed or self.desired.validated.invalid != invalid_before or failed_before:
                 self._publish(now)
             return
+        # What to ask the IKE daemon about: everything on a full pass; otherwise the connections
+        # it told us about (events), whose retry is due, or that take over. A connection that is
+        # dirty only because its desired form changed is planned on the cache, which our own
+        # actions and the daemon's events keep current (and the periodic full pass checks): asking
+        # first would cost a one-tunnel change two more VICI requests. After the daemon did not
+        # answer, nothing cached is trusted.
+        scope = None if work.full or self._daemon_error or len(work.keys) > SCOPED_OBSERVE_LIMIT else work.keys
         try:
-            restarted = self.observation.look(None if work.full or len(dirty) > SCOPED_OBSERVE_LIMIT else dirty)
+            restarted = self.observation.look(scope) if scope is None or scope else False
             self._daemon_error = None
         except BackendError as exc:
             self._daemon_unreachable(exc, now)

@@ -261,3 +261,31 @@ def test_each_snapshot_is_the_one_built_from_scratch(steps):
             bool(current.statuses) == current.all_encrypting() or not current.all_encrypting()
         assert events_between(previous, current, loop.now) == \
             events_between(previous, replace(current, changes=ChangeLog()), loop.now)
+
+
+def test_a_desired_change_alone_asks_the_daemon_nothing_an_event_asks_about_its_connection():
+    # A one-tunnel edit is planned on the observation cache (kept current by our own actions and
+    # the daemon's events): two VICI requests fewer per change. What the daemon reports is looked at.
+    backend = FakeBackend()
+    loop = Loop(backend)
+    loop.configure(row("a", "geneve", **PSK))
+    assert backend.observed == [None]  # the first pass looks at everything
+    loop.configure(row("a", "geneve", **PSK), row("b", "gre", **dict(PSK, remote_ip="10.0.0.3")))
+    assert backend.observed == [None] and loop.conn("b") in backend.conns
+    backend.establish(loop.conn("b"))
+    loop.tick(dirty=[loop.conn("b")])
+    assert backend.observed == [None, (loop.conn("b"),)]
+    assert loop.status("b").state is TunnelState.ESTABLISHED
+
+
+def test_after_the_daemon_did_not_answer_a_desired_change_looks_at_everything():
+    backend = FakeBackend()
+    loop = Loop(backend)
+    loop.configure(row("a", "geneve", **PSK))
+    backend.unreachable = True
+    loop.tick(dirty=[loop.conn("a")])
+    backend.unreachable = False
+    before = len(backend.observed)
+    loop.configure(row("a", "geneve", **PSK), row("b", "gre", **dict(PSK, remote_ip="10.0.0.3")))
+    assert backend.observed[before:] == [None]
+    assert loop.status("b").state is TunnelState.LOADED
