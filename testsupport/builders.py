@@ -14,4 +14,4 @@ def desired(*rows: InterfaceRow, **global_config: str) -> DesiredState:
     keys = [row.name for row in rows]
     return DesiredState(GlobalConfig(**global_config),
                         {(key if keys.count(key) == 1 else f"{key}#{index}"): row for index, (key, row) in
-                         enumerate(zip(keys, rows))})
+                         enumerate(zip(keys, rows, strict=True))})

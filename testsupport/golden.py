@@ -14,3 +14,10 @@ def assert_golden(name: str, actual: str) -> None:
         path.write_text(actual)
     assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 once and review it"
     assert actual == path.read_text()
+
+
+def captured(name: str) -> tuple[int, str, str]:
+    """The exit status, stdout and stderr of a command captured in the lab (lab/guest/golden.py)."""
+    head, rest = (GOLDEN_DIR / name).read_text().split("\n", 1)
+    stdout, stderr = rest.removeprefix("--- stdout\n").split("--- stderr\n")
+    return int(head.removeprefix("rc=")), stdout, stderr

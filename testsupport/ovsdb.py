@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -44,3 +46,31 @@ class Ovsdb:
     def vsctl(self, *args: str) -> str:
         # --no-wait: no ovs-vswitchd runs here, and ovs-vsctl would wait for it forever.
         return run(["ovs-vsctl", f"--db={self.remote}", "--no-wait", "--timeout=10", *args], timeout=20).stdout
+
+    def add_raw_interface(self, name: str, interface_type: str, options: dict[str, str],
+                          bridge: str = "br-ipsec") -> None:
+        """Add a port whose name and option values are exactly these strings (newlines, quotes, any
+        Unicode), through OVSDB's own JSON-RPC: ovs-vsctl would parse its arguments first."""
+        ops = [
+            {"op": "insert", "table": "Interface", "uuid-name": "iface",
+             "row": {"name": name, "type": interface_type, "options": ["map", sorted(options.items())]}},
+            {"op": "insert", "table": "Port", "uuid-name": "port",
+             "row": {"name": name, "interfaces": ["named-uuid", "iface"]}},
+            {"op": "mutate", "table": "Bridge", "where": [["name", "==", bridge]],
+             "mutations": [["ports", "insert", ["set", [["named-uuid", "port"]]]]]},
+        ]
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.workdir / "db.sock"))
+            sock.sendall(json.dumps({"method": "transact", "params": ["Open_vSwitch", *ops], "id": 1}).encode())
+            decoder, buffer = json.JSONDecoder(), b""
+            while True:
+                buffer += sock.recv(65536)
+                try:
+                    reply, _ = decoder.raw_decode(buffer.decode())
+                    break
+                except ValueError:
+                    continue
+        errors = [result for result in reply.get("result") or [] if "error" in result]
+        if reply.get("error") or errors:
+            raise RuntimeError(f"OVSDB refused {name!r}: {reply.get('error') or errors[0]}")

@@ -5,8 +5,10 @@ import json
 from hosts import TUNNEL_PORT, Host
 from proc import stop_pidfile, wait_for
 
-# The overlay disk (mounted at /opt/ovs-ipsec) holds the project's src/ and its PyPI dependencies.
-PYTHON_ENV = {"PYTHONPATH": "/opt/ovs-ipsec/src:/opt/ovs-ipsec/pydeps", "PYTHONDONTWRITEBYTECODE": "1"}
+# The overlay disk (mounted at /opt/ovs-ipsec) holds the project's src/ and its PyPI dependencies,
+# byte-compiled on the host when it has the guest's Python; otherwise Python writes the bytecode
+# there on first import (the overlay is writable, and a snapshot), so only the first process pays.
+PYTHON_ENV = {"PYTHONPATH": "/opt/ovs-ipsec/src:/opt/ovs-ipsec/pydeps"}
 CLI = ["python3", "-m", "ovs_ipsec.cli.main"]
 
 
@@ -49,10 +51,11 @@ class Monitor:
 
 
 def tunnel_established(status: dict, name: str = TUNNEL_PORT):
-    """(ok, entry): ok when the tunnel is `established` with at least one CHILD_SA installed."""
+    """(ok, entry): ok when the monitor says the tunnel is encrypting: state `established`,
+    `encrypting` true (every child SA of the tunnel installed), and at least one CHILD_SA counted."""
     for entry in status.get("tunnels", []):
         if entry.get("name") == name:
             children = entry.get("child_sas")
             count = len(children) if isinstance(children, (list, dict)) else int(children or 0)
-            return entry.get("state") == "established" and count > 0, entry
+            return entry.get("state") == "established" and entry.get("encrypting") is True and count > 0, entry
     return False, None

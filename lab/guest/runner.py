@@ -9,6 +9,7 @@ down, so the next scenario starts from a clean kernel.
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,10 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import golden                                              # noqa: E402
 import guard                                               # noqa: E402
+import lastgood                                            # noqa: E402
 import ovn                                                 # noqa: E402
 import scenario as scenarios                                # noqa: E402
-from auth import AUTH, STATUS_AUTH                          # noqa: E402
+from auth import AUTH, PSK, STATUS_AUTH                     # noqa: E402
 from backends import BACKENDS                               # noqa: E402
 from capture import ESP, IKE, Capture                       # noqa: E402
 from hosts import TUNNEL_PORT, Host, Topology               # noqa: E402
@@ -45,6 +48,7 @@ EXPECTATIONS = {
     "encrypted": lambda r: (r["ping_ok"] and r["esp_packets"] > 0 and r["plaintext_packets"] == 0
                             and r["status_ok"] and r["auth_ok"]),
 }
+EXPECTATIONS["last-good"] = lambda r: EXPECTATIONS["encrypted"](r) and r.get("last_good_ok")
 EXPECTATIONS["guarded"] = lambda r: (
     EXPECTATIONS["encrypted"](r)
     and (r.get("guard_policies") or 0) > 0
@@ -134,7 +138,12 @@ def ping(topology: Topology, out: Path) -> dict:
     return {"ping_ok": received >= 1, "ping_sent": sent, "ping_received": received}
 
 
-def run_scenario(sc: scenarios.Scenario) -> dict:
+def _ping_counts(topology: Topology, out: Path) -> tuple[int, int]:
+    counts = ping(topology, out)
+    return counts["ping_sent"], counts["ping_received"]
+
+
+def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
     out = RESULTS / sc.name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -146,6 +155,8 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
     control = ovn.Ovn(sc.tunnel, work, sh) if sc.control == "ovn" else None
     capture = Capture(h2, out / "underlay.pcap")
     monitors = []
+    # lab/run.sh --golden: the IKE daemons' outputs for tests/unit/golden (guest/golden.py).
+    events = golden.StrongSwanEvents(sc.name, backend, h1) if capture_golden and sc.backend == "strongswan" else None
     steps = Steps(sc.name, sh)
     result = {**sc.summary(), "ping_ok": False, "esp_packets": 0, "plaintext_packets": None,
               "ike_packets": 0, "status_ok": False, "auth_ok": False, "pass": False, "error": None,
@@ -163,6 +174,8 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
         if control:
             control.start()
         bring_up(monitors, backend)
+        if events:
+            events.start()
         steps(sc.control)
         # Two operators, one per hypervisor, at the same time.
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -186,12 +199,21 @@ def run_scenario(sc: scenarios.Scenario) -> dict:
                                 for m, peer in zip(monitors, (h2, h1), strict=True))
         if sc.expect == "guarded":
             guard_phases(topology, capture, steps, result, out)
+        if sc.expect == "last-good":
+            steps("last-good")
+            result.update(lastgood.phases(h1, monitors[0], monitors[0].tunnel, PSK,
+                                          lambda: _ping_counts(topology, out)))
+        if capture_golden:
+            steps("golden")
+            golden.capture(sc.name, backend, topology.hosts)
     except Exception as e:
         result["error"] = f"{steps.current}: {e}"
         (out / "error.txt").write_text(traceback.format_exc())
         say(f"[{sc.name}] ERROR in step {steps.current}: {e}")
     finally:
         steps("teardown")
+        if events:
+            _quietly(events.stop)
         try:
             capture.stop()
             if capture.pcap.exists():
@@ -321,6 +343,47 @@ def _quietly(fn, *args) -> None:
         say(f"teardown: {getattr(fn, '__qualname__', fn)}: {e}")
 
 
+# What each version in the results names: Debian's package version (dpkg), or a command's first line.
+VERSION_PACKAGES = {"strongswan": "charon-systemd", "openvswitch": "openvswitch-switch", "ovn": "ovn-host",
+                    "python3": "python3"}
+
+
+def versions() -> dict:
+    """The components this boot tests (LAB-VERSIONS: latest.json, the README's lab table)."""
+    found = {"kernel": Path("/proc/sys/kernel/osrelease").read_text().strip()}
+    for name, package in VERSION_PACKAGES.items():
+        cp = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True)
+        found[name] = cp.stdout.strip() or None
+    # LibreSwan is unpacked, not installed (labhost/image.py): dpkg does not know it.
+    cp = subprocess.run(["ipsec", "--version"], capture_output=True, text=True)
+    found["libreswan"] = (cp.stdout.strip().splitlines() or [None])[0]
+    found["debian"] = Path("/etc/debian_version").read_text().strip()
+    found["ovs_ipsec_import"] = import_check()
+    return found
+
+
+# Imports every module of the project with the guest's python3 (Debian 12's 3.11, Debian 13's 3.13)
+# and its dependencies from the overlay: a module that no longer imports on a newer Python shows
+# here even when no scenario reaches it. (On Debian 13 this also writes their bytecode, once.)
+IMPORT_ALL = """
+import importlib, pkgutil, sys, ovs_ipsec
+names = [m.name for m in pkgutil.walk_packages(ovs_ipsec.__path__, "ovs_ipsec.")]
+for name in names:
+    importlib.import_module(name)
+print("%d modules imported with Python %d.%d.%d" % (len(names), *sys.version_info[:3]))
+"""
+
+
+def import_check() -> str:
+    from monitor import PYTHON_ENV
+    cp = subprocess.run(["python3", "-c", IMPORT_ALL], capture_output=True, text=True,
+                        env={**os.environ, **PYTHON_ENV}, timeout=300)
+    if cp.returncode != 0:
+        say(f"ERROR: the project does not import with this python3:\n{cp.stderr[-2000:]}")
+        return f"FAILED: {(cp.stderr.strip().splitlines() or ['?'])[-1]}"
+    return cp.stdout.strip()
+
+
 def main() -> int:
     if not RESULTS.is_mount():
         RESULTS.mkdir(parents=True, exist_ok=True)   # no share: results stay on the console
@@ -336,10 +399,11 @@ def main() -> int:
     repeat = int(args.get("lab_repeat", "1"))
     selected = [sc if i == 1 else dataclasses.replace(sc, name=f"{sc.name}.{i}")
                 for i in range(1, repeat + 1) for sc in selected]
+    print("LAB-VERSIONS " + json.dumps(versions()), flush=True)
     say(f"running {len(selected)} scenario(s): {', '.join(s.name for s in selected)}")
     results = []
     for sc in selected:
-        res = run_scenario(sc)
+        res = run_scenario(sc, capture_golden=args.get("lab_golden") == "1")
         results.append(res)
         print("LAB-RESULT " + json.dumps(res), flush=True)
         say(f"[{sc.name}] {'PASS' if res['pass'] else 'FAIL'} in {res['seconds']}s")

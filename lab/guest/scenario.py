@@ -11,7 +11,7 @@ TUNNELS = ("gre", "geneve", "vxlan")
 # certificates (other_config:ca_cert + options:remote_name). How: guest/auth.py.
 AUTHS = ("psk", "cert", "ca")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
-EXPECTS = ("encrypted", "guarded")
+EXPECTS = ("encrypted", "guarded", "last-good")
 BACKENDS = ("strongswan", "libreswan")
 # Who creates the tunnel: the operator with ovs-vsctl on each host, or OVN (guest/ovn.py: each
 # host an OVN chassis, ovn-controller makes the tunnel after `ovn-nbctl set nb_global . ipsec=true`).

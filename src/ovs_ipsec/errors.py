@@ -28,3 +28,11 @@ class BackendError(OvsIpsecError):
     def __init__(self, message: str, transport: bool = False) -> None:
         self.transport = transport
         super().__init__(message)
+
+
+class FileWriteError(OvsIpsecError):
+    """A file could not be written (atomicfile.write_atomic); the message names it and why."""
+
+
+class PkiError(OvsIpsecError):
+    """A certificate operation the operator can fix; the message names the file and the problem."""

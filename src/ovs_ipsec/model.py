@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-from collections.abc import Hashable, Mapping, Set as AbstractSet
+from collections.abc import Hashable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 
@@ -137,6 +138,9 @@ class IkeOptions:
     rekey_fuzz: int | None = None  # percent
     replay_window: int | None = None  # packets
     pfs: bool | None = None
+    esn: str | None = None  # yes | no | either
+    retransmit_timeout: int | None = None
+    nat_keepalive: bool | None = None
     mobike: bool | None = None
     fragmentation: str | None = None  # yes | no | accept | force
     keyingtries: int | None = None  # 0: without end
@@ -160,7 +164,8 @@ class IkeOptions:
         return tuple(pairs)
 
 
-DURATION_OPTIONS = frozenset({"dpd_delay", "dpd_timeout", "ike_lifetime", "sa_lifetime", "rekey_margin"})
+DURATION_OPTIONS = frozenset({"dpd_delay", "dpd_timeout", "ike_lifetime", "sa_lifetime", "rekey_margin",
+                              "retransmit_timeout"})
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,8 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
     plan then costs what its scope holds, not what the desired state holds)."""
     if wanted_secrets is None:
         wanted_secrets = {p.secret_id for p in desired.values() if p.secret_id}
+    conns: Collection[str]
+    secrets: Collection[str]
     if scope is None:
         conns, secrets = observed.conns.keys(), observed.shared_secrets
     else:

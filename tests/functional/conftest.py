@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from testsupport.daemons import LibreSwan, StrongSwan, libreswan_missing
 from testsupport.sandbox import Sandbox
 
 
@@ -56,3 +57,33 @@ def two_hosts(sandbox):
         host.start_charon()
         host.start_monitor()
     return a, b
+
+
+@pytest.fixture(params=[StrongSwan(), LibreSwan()], ids=lambda swan: swan.name)
+def swan(request):
+    if request.param.name == "libreswan" and libreswan_missing():
+        pytest.skip(libreswan_missing())
+    return request.param
+
+
+def make_hosts(sandbox, daemon):
+    a = sandbox.add_host("a", "10.231.0.1/24", "fd00:231::1/64", ike_daemon=daemon)
+    b = sandbox.add_host("b", "10.231.0.2/24", "fd00:231::2/64", ike_daemon=daemon)
+    for host in (a, b):
+        host.start_ovsdb()
+        host.start_ike_daemon()
+        host.start_monitor()
+    return a, b
+
+
+@pytest.fixture
+def hosts(sandbox, swan):
+    return make_hosts(sandbox, swan.name)
+
+
+@pytest.fixture
+def lsw_hosts(sandbox):
+    reason = libreswan_missing()
+    if reason:
+        pytest.skip(reason)
+    return make_hosts(sandbox, "libreswan")

@@ -1,4 +1,5 @@
-"""Certificate tunnels against real charons, with certificates from our own `ovs-ipsec pki`."""
+"""Certificate cases against real charons, with certificates from our own `ovs-ipsec pki` (the tunnels of
+each auth mode on both daemons are in test_backend_contract.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import shutil
 
 import pytest
 
-from testsupport.tunnels import connect_with_certificates, make_ca_signed, make_self_signed, pki, use_certificate, add_pair, add_tunnel, charon_conns, ike_sa_ids
+from testsupport.tunnels import make_ca_signed, pki, use_certificate, add_pair, add_tunnel, charon_conns, ike_sa_ids
 from testsupport.procs import wait_for
 
 
@@ -16,17 +17,6 @@ from testsupport.procs import wait_for
 def ca_signed(tmp_path):
     make_ca_signed(tmp_path)
     return tmp_path
-
-
-@pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])
-def test_ca_signed_tunnel_reaches_established(two_hosts, ca_signed, tunnel_type):
-    connect_with_certificates(*two_hosts, ca_signed, tunnel_type, ca=True)
-
-
-@pytest.mark.parametrize("tunnel_type", ["gre", "geneve", "vxlan"])
-def test_self_signed_tunnel_reaches_established(two_hosts, tmp_path, tunnel_type):
-    make_self_signed(tmp_path)
-    connect_with_certificates(*two_hosts, tmp_path, tunnel_type, ca=False)
 
 
 def test_wrong_peer_name_is_refused_by_the_peer_not_silently_accepted(two_hosts, ca_signed):

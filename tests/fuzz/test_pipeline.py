@@ -109,7 +109,7 @@ def test_guard_batches_are_exactly_the_intended_ip_commands(count, guard_netns, 
     installer = XfrmPolicyInstaller(run=lambda argv, **kw: run(["ip", "netns", "exec", guard_netns, *argv], **kw))
     subprocess.run(["ip", "-n", guard_netns, "xfrm", "policy", "flush"], check=True)
     installer.run_batch(batch_commands(plan_changes(wanted, ()), ()))
-    installed = installer.list()
+    installed = installer.policies()
     assert plan_changes(wanted, installed).converged
     count("guard policies", len(wanted))
     assert {p.as_guard_policy() for p in installed if p.owned} == set(wanted)

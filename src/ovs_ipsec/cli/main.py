@@ -31,12 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                         help="refresh the table every SECONDS (default 2)")
     status.set_defaults(func=run_status)
-    try:
-        from ..pki import cli as pki_cli
-    except ImportError:
-        pki_cli = None
-    if pki_cli is not None and hasattr(pki_cli, "add_parser"):
-        pki_cli.add_parser(commands)
+    from ..pki import cli as pki_cli
+
+    pki_cli.add_parser(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -85,6 +82,7 @@ def run_monitor(args: argparse.Namespace) -> int:
     import ovs.daemon
     import ovs.vlog
 
+    from ..backends.base import Backend
     from ..backends.strongswan.backend import StrongSwanBackend
     from ..daemon.loop import Monitor, Wakeup
     from ..daemon.reconciler import Reconciler
@@ -110,6 +108,7 @@ def run_monitor(args: argparse.Namespace) -> int:
                           os.path.abspath(args.events_file) if args.events_file else None)
         # Fork before any thread starts: threads do not survive fork().
         ovs.daemon.daemonize()
+        backend: Backend
         if args.ike_daemon == "libreswan":
             from ..backends.libreswan.backend import LibreSwanBackend
 

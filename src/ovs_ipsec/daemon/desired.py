@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
+from typing import TypeVar
 
 from ..inforce import keep_last_good
 from ..model import DesiredState, GlobalConfig, GuardConfig, InterfaceRow, Invalid, Tunnel, ValidatedState
@@ -26,6 +27,7 @@ from ..validate.certificates import global_certificate_paths, local_identity, re
 from ..validate.guard import guard_for, traffic_of_row
 from ..validate.tunnels import settle_claims, validate_row
 
+Summand = TypeVar("Summand")  # what one row adds to a sum over all rows
 Endpoints = tuple[str | None, str]  # (local_ip, remote_ip): the unit every rule works within
 
 
@@ -119,18 +121,9 @@ class DesiredPeerings:
     def _index(self, rows: Mapping[Hashable, InterfaceRow], keys: Iterable[Hashable]) -> None:
         """Keep the sums over all rows (guard traffic, peer certificates) in step with `keys`."""
         for key in keys:
-            for of, counter, value in ((self._traffic_of, self._traffic, traffic_of_row),
-                                       (self._peer_cert_of, self._peer_certs, remote_cert_path)):
-                old = of.pop(key, None)
-                if old is not None:
-                    counter[old] -= 1
-                    if not counter[old]:
-                        del counter[old]
-                row = rows.get(key)
-                new = value(row) if row is not None else None
-                if new is not None:
-                    of[key] = new
-                    counter[new] += 1
+            row = rows.get(key)
+            _recount(self._traffic_of, self._traffic, key, traffic_of_row(row) if row is not None else None)
+            _recount(self._peer_cert_of, self._peer_certs, key, remote_cert_path(row) if row is not None else None)
 
     def _judge(self, rows: Mapping[Hashable, InterfaceRow], keys: Iterable[Hashable], again: bool,
                config: GlobalConfig, local, global_problem: str | None, facts: CertificateFacts,
@@ -264,6 +257,18 @@ class DesiredPeerings:
             keys={path: self._inspector.key(path) for path in keys},
             chains={pair: self._inspector.verify_chain(*pair) for pair in chains},
         )
+
+
+def _recount(of: dict[Hashable, Summand], counter: Counter[Summand], key: Hashable, new: Summand | None) -> None:
+    """Row `key` now adds `new` (None: nothing) to the sum `counter` instead of what it added before."""
+    old = of.pop(key, None)
+    if old is not None:
+        counter[old] -= 1
+        if not counter[old]:
+            del counter[old]
+    if new is not None:
+        of[key] = new
+        counter[new] += 1
 
 
 def _endpoints(tunnel: Tunnel) -> Endpoints:

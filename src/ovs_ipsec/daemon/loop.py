@@ -6,6 +6,7 @@ so `ovs-appctl` always gets an answer even while the IKE daemon is stuck.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,10 +17,12 @@ import ovs.unixctl.server
 
 from .. import __version__
 from ..errors import OvsIpsecError
+from ..netlink.xfrm import XfrmReader
 from ..ovsdb.reader import OvsdbReader
 from ..ovsdb.writer import InterfaceStatusWriter
+from ..status.kernel import KernelView, policy_line, sa_line
 from ..status.metrics import MetricsServer, render_metrics
-from ..status.render import render_json, render_show
+from ..status.render import render_json, render_show, render_upstream_status
 from .worker import Worker
 
 log = logging.getLogger("ovs_ipsec.monitor")
@@ -60,8 +63,10 @@ class Wakeup:
 
 class Monitor:
     def __init__(self, reader: OvsdbReader, worker: Worker, unixctl_path: str | None,
-                 wakeup: Wakeup | None = None, metrics_server: MetricsServer | None = None) -> None:
+                 wakeup: Wakeup | None = None, metrics_server: MetricsServer | None = None,
+                 xfrm: XfrmReader | None = None) -> None:
         self._reader = reader
+        self._xfrm = xfrm or XfrmReader()
         self._worker = worker
         self._exiting = False
         self._cleanup_on_exit = False
@@ -115,21 +120,54 @@ class Monitor:
     # -- unixctl ---------------------------------------------------------------------------------
 
     def _register_commands(self) -> None:
+        # Upstream's commands (tools and tutorials use them), with upstream's output where tools parse it.
         ovs.unixctl.command_register("tunnels/show", "[--json]", 0, 1, self._tunnels_show, None)
-        ovs.unixctl.command_register("ipsec/status", "", 0, 0, self._ipsec_status, None)
+        ovs.unixctl.command_register("ipsec/status", "[--json]", 0, 1, self._ipsec_status, None)
+        ovs.unixctl.command_register("xfrm/policies", "[--json]", 0, 1, self._xfrm_policies, None)
+        ovs.unixctl.command_register("xfrm/state", "[--json]", 0, 1, self._xfrm_state, None)
+        ovs.unixctl.command_register("list-commands", "", 0, 0, ovs.unixctl._unixctl_help, None)
         ovs.unixctl.command_register("refresh", "", 0, 0, self._refresh, None)
         ovs.unixctl.command_register("metrics/show", "", 0, 0, self._metrics_show, None)
         ovs.unixctl.command_register("exit", "[--no-cleanup]", 0, 1, self._exit, None)
 
     def _tunnels_show(self, conn, argv, _aux) -> None:
-        if argv and argv != ["--json"]:
-            conn.reply_error(f"unrecognized parameter: {argv[0]} (usage: tunnels/show [--json])")
+        if _json_flag(conn, "tunnels/show", argv) is None:
             return
         snapshot = self._worker.snapshot
-        conn.reply(render_json(snapshot) if argv else render_show(snapshot))
+        conn.reply(render_json(snapshot) if argv else render_show(snapshot, self._kernel_view()))
 
-    def _ipsec_status(self, conn, _argv, _aux) -> None:
-        conn.reply(render_json(self._worker.snapshot))
+    def _ipsec_status(self, conn, argv, _aux) -> None:
+        as_json = _json_flag(conn, "ipsec/status", argv)
+        if as_json is not None:
+            conn.reply(render_json(self._worker.snapshot) if as_json else render_upstream_status(self._worker.snapshot))
+
+    def _xfrm_policies(self, conn, argv, _aux) -> None:
+        as_json = _json_flag(conn, "xfrm/policies", argv)
+        if as_json is not None:
+            view = self._kernel_view()
+            self._reply_kernel(conn, view, view.policies, policy_line, as_json)
+
+    def _xfrm_state(self, conn, argv, _aux) -> None:
+        as_json = _json_flag(conn, "xfrm/state", argv)
+        if as_json is not None:
+            view = self._kernel_view()
+            self._reply_kernel(conn, view, view.states, sa_line, as_json)
+
+    def _kernel_view(self) -> KernelView:
+        """The SPD and SAD now, read over netlink (a few milliseconds): never the keys."""
+        try:
+            return KernelView(self._xfrm.policies(), self._xfrm.states())
+        except OvsIpsecError as exc:
+            return KernelView(error=str(exc))
+
+    @staticmethod
+    def _reply_kernel(conn, view: KernelView, items, line, as_json: bool) -> None:
+        if view.error:
+            conn.reply_error(view.error)
+        elif as_json:
+            conn.reply(json.dumps([item.as_json() for item in items], indent=2) + "\n")
+        else:
+            conn.reply("".join(line(item) + "\n" for item in items) or "(none)\n")
 
     def _metrics_show(self, conn, _argv, _aux) -> None:
         conn.reply(self.metrics_text())
@@ -152,3 +190,13 @@ class Monitor:
         self._exiting = True
         self._cleanup_on_exit = cleanup
         conn.reply(None)
+
+
+def _json_flag(conn, command: str, argv: list[str]) -> bool | None:
+    """True for `--json`, False for no argument; None (after replying with an error) for anything else."""
+    if not argv:
+        return False
+    if argv == ["--json"]:
+        return True
+    conn.reply_error(f"unrecognized parameter: {argv[0]} (usage: {command} [--json])")
+    return None

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..backends.base import Backend
 from ..model import DesiredState
@@ -100,7 +101,7 @@ class Worker:
         seen_desired = False  # no pass before the first OVSDB snapshot: never act on an empty picture
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._inbox) or (seen_desired and self._queue.has_work(self._clock())),
+                self._cond.wait_for(partial(self._ready, seen_desired),
                                     timeout=self._sleep_time() if seen_desired else None)
                 inbox, self._inbox = self._inbox, _Inbox()
             now = self._clock()
@@ -118,6 +119,9 @@ class Worker:
                 run_due_work(self._reconciler, self._queue, inbox.desired, now)
             for waiter in inbox.waiters:
                 waiter.set()
+
+    def _ready(self, seen_desired: bool) -> bool:
+        return bool(self._inbox) or (seen_desired and self._queue.has_work(self._clock()))
 
     def _sleep_time(self) -> float:
         return max(0.0, self._queue.next_deadline() - self._clock()) + 0.01

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from ..errors import CommandError
 from ..model import GuardConfig, SkbMark, Tunnel
 from .policy import (
-    GuardChanges, GuardPolicy, GuardStatus, InstalledPolicy, guard_policies, mark_in_force, plan_changes,
+    GuardChanges,
+    GuardPolicy,
+    GuardStatus,
+    InstalledPolicy,
+    guard_policies,
+    mark_in_force,
+    plan_changes,
 )
 from .xfrm import XfrmPolicyInstaller, batch_commands
 
@@ -73,7 +79,7 @@ class PlaintextGuard:
         """Remove every policy of ours (exit with cleanup)."""
         self._mark, self._mark_known = None, True
         try:
-            installed = self._installer.list()
+            installed = self._installer.policies()
         except CommandError as exc:
             log.error("plaintext guard: cleanup on exit incomplete: %s", exc)
             return
@@ -86,7 +92,7 @@ class PlaintextGuard:
     def _converge(self, target: _Target, problem: str | None, tunnels: tuple[Tunnel, ...],
                   traffic: frozenset[tuple[str, int | None]]) -> GuardStatus:
         try:
-            installed = self._installer.list()
+            installed = self._installer.policies()
         except CommandError as exc:
             return GuardStatus(target.configured, target.mark, _join(problem, f"cannot list XFRM policies: {exc}"),
                                in_place=False, wanted=len(target.policies), installed=self.status.installed)
@@ -119,10 +125,10 @@ class PlaintextGuard:
                 self._installer.run_batch(batch_commands(changes, installed))
             except CommandError:
                 # The batch stopped at a refused line: finish one command at a time, to know which.
-                installed = self._installer.list()
+                installed = self._installer.policies()
                 changes = plan_changes(policies, installed)
                 failures = self._installer.run_each(batch_commands(changes, installed))
-            after = self._installer.list()
+            after = self._installer.policies()
         except CommandError as exc:
             return installed, [str(exc)]
         log.info("plaintext guard %s: %d XFRM policies added, %d updated, %d removed",

@@ -207,18 +207,20 @@ def plan_changes(desired: frozenset[GuardPolicy], installed: Iterable[InstalledP
             in_band[policy.identity] = policy
         else:
             foreign[policy.identity] = policy
-    add, replace, blocked = [], [], []
-    for policy in sorted(desired):
-        present = in_band.get(policy.identity)
+    add: list[GuardPolicy] = []
+    replace: list[GuardPolicy] = []
+    blocked: list[tuple[GuardPolicy, InstalledPolicy]] = []
+    for wanted_policy in sorted(desired):
+        present = in_band.get(wanted_policy.identity)
         if present is not None:
-            if present.as_guard_policy() != policy:
-                replace.append(policy)
-        elif policy.identity in foreign:
-            blocked.append((policy, foreign[policy.identity]))
+            if present.as_guard_policy() != wanted_policy:
+                replace.append(wanted_policy)
+        elif wanted_policy.identity in foreign:
+            blocked.append((wanted_policy, foreign[wanted_policy.identity]))
         else:
-            add.append(policy)
+            add.append(wanted_policy)
     wanted = {policy.identity for policy in desired}
-    remove = [policy for identity, policy in sorted(owned.items(), key=lambda item: item[1].index)
+    remove = [installed for identity, installed in sorted(owned.items(), key=lambda item: item[1].index)
               if identity not in wanted]
     return GuardChanges(tuple(add), tuple(replace), tuple(remove), tuple(blocked))
 

@@ -143,7 +143,7 @@ class XfrmPolicyInstaller:
         self._ip = ip
         self._timeout = timeout
 
-    def list(self) -> tuple[InstalledPolicy, ...]:
+    def policies(self) -> tuple[InstalledPolicy, ...]:
         """Every XFRM policy of the namespace; raises CommandError."""
         return parse_policies(self._run([self._ip, "-s", "xfrm", "policy", "list"], timeout=self._timeout).stdout)
 

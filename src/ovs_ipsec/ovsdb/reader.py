@@ -33,7 +33,7 @@ def fetch_schema(remote: str, timeout: float = 5.0) -> dict:
     try:
         if kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address: object = rest
+            address: str | tuple[str, int] = rest
         elif kind == "tcp":
             host, _, port = rest.rpartition(":")
             sock = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)

@@ -146,8 +146,8 @@ class InterfaceStatusWriter:
             before, self._wanted = self._wanted, wanted_keys(snapshot)
             if self._full_scan:
                 return None
-            names = before.keys() | self._wanted.keys()
-            return {name for name in names if before.get(name) != self._wanted.get(name)}
+            return {name for name in before.keys() | self._wanted.keys()
+                    if before.get(name) != self._wanted.get(name)}
         changed = set()
         for name in names:
             status = snapshot.statuses.get(name)
@@ -229,6 +229,7 @@ class InterfaceStatusWriter:
 
     def _finish_commit(self) -> bool:
         """Advance the transaction in flight; true once there is none."""
+        assert self._txn is not None
         status = self._txn.commit()
         if status == ovs.db.idl.Transaction.INCOMPLETE:
             return False

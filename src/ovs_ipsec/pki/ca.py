@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Union
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -20,10 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ovs_ipsec.atomicfile import write_atomic
 from ovs_ipsec.pki import files
 from ovs_ipsec.pki.files import PkiError, PkiLayout
 
-PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 DEFAULT_DAYS = 3650  # what ovs-pki gives both its CAs and the certificates they sign
 ORGANIZATION = "Open vSwitch"
@@ -228,9 +228,9 @@ def save_authority(layout: PkiLayout, kind: str, authority: CertificateAuthority
     files.make_dir(layout.ca_private_dir(kind), files.PRIVATE_DIR_MODE)
     files.make_dir(layout.newcerts(kind), files.PUBLIC_DIR_MODE)
     # Key first: a cacert.pem without its key would look like a usable CA.
-    files.write_atomic(layout.ca_key(kind), private_key_pem(authority.key), secret=True, overwrite=force)
-    files.write_atomic(layout.ca_cert(kind), pem(authority.cert), secret=False, overwrite=force)
-    files.write_atomic(layout.index(kind), b"", secret=False, overwrite=force)
+    write_atomic(layout.ca_key(kind), private_key_pem(authority.key), secret=True, overwrite=force)
+    write_atomic(layout.ca_cert(kind), pem(authority.cert), secret=False, overwrite=force)
+    write_atomic(layout.index(kind), b"", secret=False, overwrite=force)
 
 
 def record_issued(layout: PkiLayout, kind: str, cert: x509.Certificate) -> Path:
@@ -238,8 +238,8 @@ def record_issued(layout: PkiLayout, kind: str, cert: x509.Certificate) -> Path:
     serial = _openssl_serial(cert.serial_number)
     copy = layout.newcerts(kind) / f"{serial}.pem"
     files.make_dir(layout.newcerts(kind), files.PUBLIC_DIR_MODE)
-    files.write_atomic(copy, pem(cert), secret=False, overwrite=True)
-    subject = "".join(f"/{attribute.rfc4514_attribute_name}={attribute.value}" for attribute in cert.subject)
+    write_atomic(copy, pem(cert), secret=False, overwrite=True)
+    subject = "".join(f"/{attribute.rfc4514_attribute_name}={_text(attribute.value)}" for attribute in cert.subject)
     expiry = _openssl_time(cert.not_valid_after_utc)
     files.append_line(layout.index(kind), f"V\t{expiry}\t\t{serial}\tunknown\t{subject}\n")
     return copy
@@ -318,7 +318,7 @@ def _key_usage(*, key_cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def _signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None  # Ed25519 hashes internally
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
@@ -341,3 +341,7 @@ def _openssl_serial(serial: int) -> str:
 def _openssl_time(moment: dt.datetime) -> str:
     # index.txt uses ASN.1 UTCTime until 2049 and GeneralizedTime from 2050 on.
     return moment.strftime("%y%m%d%H%M%SZ" if moment.year < 2050 else "%Y%m%d%H%M%SZ")
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")

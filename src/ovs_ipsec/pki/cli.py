@@ -13,11 +13,13 @@ import datetime as dt
 import hashlib
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from cryptography import x509
 
+from ovs_ipsec.atomicfile import write_atomic
+from ovs_ipsec.errors import OvsIpsecError
 from ovs_ipsec.pki import ca, files
 from ovs_ipsec.pki.files import CA_KINDS, DEFAULT_PKI_DIR, NameFiles, PkiError, PkiLayout
 from ovs_ipsec.pki.inspect import (
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         return args.pki_handler(args)
-    except PkiError as error:
+    except OvsIpsecError as error:  # PkiError, and a file that could not be written
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
 
@@ -125,7 +127,7 @@ def _positive_int(text: str) -> int:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _utc(moment: dt.datetime) -> str:
@@ -152,8 +154,8 @@ def _cmd_req(args: argparse.Namespace) -> int:
     files.refuse_existing((named.private_key, named.request), args.force)
     key = ca.generate_key(spec)
     request = ca.make_request(key, named.name)
-    files.write_atomic(named.private_key, ca.private_key_pem(key), secret=True, overwrite=args.force)
-    files.write_atomic(named.request, ca.pem(request), secret=False, overwrite=args.force)
+    write_atomic(named.private_key, ca.private_key_pem(key), secret=True, overwrite=args.force)
+    write_atomic(named.request, ca.pem(request), secret=False, overwrite=args.force)
     print(f"wrote {named.private_key} ({spec.describe()}, mode 0600) and {named.request}")
     print(f"{named.request}\tfingerprint {ca.fingerprint(request)}")
     return 0
@@ -166,7 +168,7 @@ def _cmd_self_sign(args: argparse.Namespace) -> int:
         raise PkiError(f"{named.private_key} is not the private key of {named.request}")
     files.refuse_existing((named.certificate,), args.force)
     cert = _about(named.request, lambda: ca.self_sign(request, key, args.days, _now()))
-    files.write_atomic(named.certificate, ca.pem(cert), secret=False, overwrite=args.force)
+    write_atomic(named.certificate, ca.pem(cert), secret=False, overwrite=args.force)
     print(f"wrote {named.certificate} (self-signed, valid until {_utc(cert.not_valid_after_utc)})")
     return 0
 
@@ -180,7 +182,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     request = ca.load_request(named.request)
     files.refuse_existing((named.certificate,), args.force)
     cert = _about(named.request, lambda: ca.issue(request, authority, args.days, _now()))
-    files.write_atomic(named.certificate, ca.pem(cert), secret=False, overwrite=args.force)
+    write_atomic(named.certificate, ca.pem(cert), secret=False, overwrite=args.force)
     ca.record_issued(layout, args.type, cert)
     print(f"{named.request}\tfingerprint {ca.fingerprint(request)}")
     until = _utc(cert.not_valid_after_utc)

@@ -12,8 +12,8 @@ import io
 import os
 import stat
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography import x509
@@ -161,13 +161,12 @@ def cert_facts_from_bytes(path: str, data: bytes) -> CertFacts:
         bundle = x509.load_pem_x509_certificates(data)
         cert = bundle[0]
     except ValueError:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            reason = f"{path} holds a PEM certificate that cannot be parsed"
-        else:
-            reason = f"{path} is not a PEM certificate"
-        return CertFacts(path, data, digest, reason, None, (), None, None, None, False, None)
+        unparsable = (f"{path} holds a PEM certificate that cannot be parsed"
+                      if b"-----BEGIN CERTIFICATE-----" in data else f"{path} is not a PEM certificate")
+        return CertFacts(path, data, digest, unparsable, None, (), None, None, None, False, None)
+    damaged: str | None = None
     try:
-        extensions, damaged = cert.extensions, None
+        extensions = cert.extensions
     except ValueError as error:
         extensions = x509.Extensions([])
         damaged = f"{path}: the certificate's extensions cannot be parsed ({error})"

@@ -67,9 +67,8 @@ def events_between(previous: StatusSnapshot, current: StatusSnapshot, now: float
 
 def _tunnel_events(previous: StatusSnapshot, current: StatusSnapshot, now: float) -> tuple[Event, ...]:
     # Only the tunnels whose status changed from `previous` to `current`, when the snapshot says.
-    names = current.changes.since(previous.changes)
-    if names is None:
-        names = previous.statuses.keys() | current.statuses.keys()
+    known = current.changes.since(previous.changes)
+    names = known if known is not None else previous.statuses.keys() | current.statuses.keys()
     before = {name: previous.statuses[name] for name in names if name in previous.statuses}
     events = []
     for tunnel in [current.statuses[name] for name in sorted(names) if name in current.statuses]:
@@ -113,8 +112,10 @@ def _encrypting_events(previous: StatusSnapshot, current: StatusSnapshot, now: f
     before, after = previous.all_encrypting(), current.all_encrypting()
     if after and not before:
         count = len(current.statuses)
+        # Upstream's own words first: OpenShift's CI greps the log for "Connections for all(N)".
         return (Event("all_tunnels_encrypting", now, (
-            ("tunnels", count), ("message", f"all {count} configured tunnels are encrypting"))),)
+            ("tunnels", count), ("message", f"Connections for all({count}) configured tunnels are Up: "
+                                            f"all {count} configured tunnels are encrypting"))),)
     if before and not after and current.statuses:
         waiting = sorted(t.name for t in current.tunnels if not t.encrypting)
         return (Event("not_all_tunnels_encrypting", now, (
@@ -128,11 +129,12 @@ def _certificate_events(previous: StatusSnapshot, current: StatusSnapshot, now: 
                      if _expiring(c.not_after, previous.taken_at or now)}
     events = []
     for certificate in current.certificates:
-        if _expiring(certificate.not_after, now) and (certificate.path, certificate.not_after) not in warned_before:
-            days_left = (certificate.not_after - now) / 86400
+        not_after = certificate.not_after
+        if not_after is not None and _expiring(not_after, now) and (certificate.path, not_after) not in warned_before:
+            days_left = (not_after - now) / 86400
             events.append(Event("certificate_expiring", now, (
                 ("path", certificate.path), ("role", certificate.role), ("cn", certificate.cn),
-                ("not_after", _iso(certificate.not_after)), ("days_left", round(days_left, 1)))))
+                ("not_after", _iso(not_after)), ("days_left", round(days_left, 1)))))
     return tuple(events)
 
 
@@ -184,6 +186,8 @@ class EventLog:
                 self._write_json(event)
 
     def _write_json(self, event: Event) -> None:
+        if self._path is None:
+            return
         try:
             if self._file is None:
                 self._file = open_events_file(self._path)

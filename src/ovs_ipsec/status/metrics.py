@@ -82,10 +82,10 @@ def metric_families(snapshot: StatusSnapshot, queue_depth: int, now: float) -> t
         _per_tunnel("tunnel_established_seconds", "gauge",
                     "Seconds since the tunnel's current IKE SA was established (absent when not established).",
                     [t for t in tunnels if t.established_at is not None],
-                    lambda t: max(0.0, now - t.established_at)),
+                    lambda t: max(0.0, now - (t.established_at or now))),
         _per_tunnel("tunnel_state_since_timestamp_seconds", "gauge",
                     "When the tunnel entered its current state (Unix time).",
-                    [t for t in tunnels if t.since is not None], lambda t: t.since),
+                    [t for t in tunnels if t.since is not None], lambda t: t.since or 0.0),
         Family("tunnels", "gauge", "Tunnels per state.", tuple(
             ("", (("state", state.value),), float(sum(t.state is state for t in tunnels))) for state in TunnelState)),
         Family("ike_daemon_up", "gauge", "1 when the IKE daemon answered the last call.",

@@ -12,6 +12,7 @@ import time
 
 from ..model import TunnelState
 from ..text import printable
+from .kernel import KernelView, tunnel_policies, tunnel_states
 from .snapshot import StatusSnapshot, TunnelStatus
 
 PSK_MASK = "<hidden>"
@@ -21,11 +22,12 @@ def render_json(snapshot: StatusSnapshot) -> str:
     return json.dumps(snapshot.as_json(), indent=2, sort_keys=True) + "\n"
 
 
-def render_show(snapshot: StatusSnapshot) -> str:
+def render_show(snapshot: StatusSnapshot, kernel: KernelView | None = None) -> str:
     """`tunnels/show` in upstream's layout, so existing habits and scripts keep working.
 
     The "v1" version field is kept for layout compatibility; connection names here derive from
-    the tunnel's parameters, so there is no version counter behind it.
+    the tunnel's parameters, so there is no version counter behind it. With `kernel`, each tunnel
+    also lists the XFRM policies and SAs that concern it, as upstream's does (without keys).
     """
     guard = _guard_line(snapshot.guard.as_json())
     if not snapshot.tunnels:
@@ -62,6 +64,13 @@ def render_show(snapshot: StatusSnapshot) -> str:
         ]
         lines = [header] + [f"  {label + ':':<16}{_none(value)}" for label, value in fields
                             if label not in ("Ignored Options", "Last good") or value is not None]
+        if kernel is not None:
+            lines.append("Kernel policies installed:")
+            lines += [f"  {line}" for line in ([kernel.error] if kernel.error else
+                                                tunnel_policies(tunnel, kernel.policies))]
+            lines.append("Kernel security associations installed:")
+            lines += [f"  {line}" for line in ([kernel.error] if kernel.error else
+                                                tunnel_states(tunnel, kernel.states))]
         lines.append("IPsec connections that are active:")
         lines += [f"  {line}" for line in tunnel.sa_lines]
         blocks.append("\n".join(printable(line) for line in lines) + "\n")
@@ -76,6 +85,22 @@ def _last_good(tunnel: TunnelStatus) -> str | None:
 
 def _iso(moment: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+
+
+def render_upstream_status(snapshot: StatusSnapshot) -> str:
+    """`ipsec/status` as upstream answers it (tools parse it): a Python dict of each tunnel's
+    connections whose child SA is installed, named as upstream names them (`<tunnel>-in-1`,
+    `<tunnel>-out-1`, or `<tunnel>-1` for GRE). Values hold no single quote, so the usual
+    quote-swapping conversion to JSON works."""
+    found: dict[str, dict[str, str]] = {}
+    for tunnel in snapshot.tunnels:
+        for child in tunnel.installed_children:
+            direction = child.rsplit("-", 2)[-2]
+            name = f"{tunnel.name}-1" if direction == "gre" else f"{tunnel.name}-{direction}-1"
+            found.setdefault(tunnel.name, {})[name] = (
+                f'#{tunnel.ike_sa_ids[0] if tunnel.ike_sa_ids else "?"}: "{name}" child SA {child} installed, '
+                f"IKE SA of {tunnel.conn}")
+    return repr(found)
 
 
 def render_table(status: dict, now: float) -> str:
@@ -97,7 +122,8 @@ def render_table(status: dict, now: float) -> str:
             state, _peer(tunnel), tunnel["auth"] or "-", f"{tunnel['ike_sas']}/{tunnel['child_sas']}",
             _age(tunnel.get("since"), now), tunnel["reason"] or "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    out = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
+           for row in rows]
     out.append(_summary(tunnels, None if show_local or not tunnels else next(iter(locals_))))
     daemon = status.get("ike_daemon") or {}
     if daemon.get("error"):
@@ -126,7 +152,7 @@ def _peer(tunnel: dict) -> str:
 
 
 def _summary(tunnels: list[dict], local_ip: str | None) -> str:
-    counts = {}
+    counts: dict[str, int] = {}
     for tunnel in tunnels:
         counts[tunnel["state"]] = counts.get(tunnel["state"], 0) + 1
     order = [state.value for state in (TunnelState.ESTABLISHED, TunnelState.NEGOTIATING, TunnelState.LOADED,

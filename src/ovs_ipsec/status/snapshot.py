@@ -39,6 +39,7 @@ class TunnelStatus:
     # While the tunnel is invalid: since when its last good configuration has been kept in force.
     last_good_since: float | None = None
     encrypting: bool = False  # every child SA of the tunnel is installed
+    installed_children: tuple[str, ...] = ()  # the tunnel's children with an installed child SA
     ofport: int | None = None
     cfm_fault: bool | None = None
     sa_lines: tuple[str, ...] = ()
@@ -222,6 +223,7 @@ def _status_of(name: str, placement: Placement, observed: ObservedState, errors:
             if kept is not None:
                 status = replace(status, state=TunnelState.INVALID, reason=kept[0], last_good_since=kept[1])
         else:
+            assert invalid is not None  # the key above is (invalid,) only when there is one
             status = _invalid_status(invalid)
         cached = memo[name] = (key, _stamp(status, old, now))
     return cached[1]
@@ -296,6 +298,7 @@ def _tunnel_status(tunnel: Tunnel, peering: Peering, observed: ObservedState, er
         initiator=peering.initiator, remote_name=tunnel.remote_name, local_name=tunnel.local_name,
         remote_cert=tunnel.remote_cert_pem is not None, dst_port=tunnel.dst_port,
         options=tunnel.options.in_force(), ignored_options=tunnel.options.ignored + not_applicable,
-        encrypting=encrypting, ofport=tunnel.ofport, cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines,
+        encrypting=encrypting, installed_children=tuple(sorted(installed)), ofport=tunnel.ofport,
+        cfm_fault=tunnel.cfm_fault, sa_lines=sa_lines,
         ike_sa_ids=tuple(sa.unique_id for sa in up),
         established_at=now - (up[0].established_seconds or 0) if up else None)

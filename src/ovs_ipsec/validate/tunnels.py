@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from functools import partial
 
 from ..model import (
-    DEFAULT_PORTS, AuthMethod, DesiredState, GlobalConfig, InterfaceRow, Invalid, Tunnel, TunnelType,
+    DEFAULT_PORTS,
+    AuthMethod,
+    DesiredState,
+    GlobalConfig,
+    InterfaceRow,
+    Invalid,
+    Tunnel,
+    TunnelType,
     ValidatedState,
 )
 from ..pki.inspect import cert_problems
@@ -102,14 +110,14 @@ def _tunnel(row: InterfaceRow, options: Mapping[str, str], config: GlobalConfig,
         raise Reject(f"'local_ip' {local_ip} and 'remote_ip' {remote_ip} are not of the same address family")
     if tunnel_type is TunnelType.IP6GRE and family != 6:
         raise Reject(f"type 'ip6gre' needs an IPv6 'remote_ip', not {remote_ip}")
-    common = dict(name=row.name, type=tunnel_type, remote_ip=remote_ip, local_ip=local_ip, family=family,
-                  dst_port=_dst_port(tunnel_type, options), options=ike_options(options),
-                  ofport=row.ofport, cfm_fault=row.cfm_fault)
+    tunnel = partial(Tunnel, name=row.name, type=tunnel_type, remote_ip=remote_ip, local_ip=local_ip, family=family,
+                     dst_port=_dst_port(tunnel_type, options), options=ike_options(options),
+                     ofport=row.ofport, cfm_fault=row.cfm_fault)
 
     if "psk" in options:
         if "remote_cert" in options or "remote_name" in options:
             raise Reject("'remote_cert' and 'remote_name' must be unset with PSK")
-        return Tunnel(auth=AuthMethod.PSK, psk=fields.psk(options["psk"]), **common)
+        return tunnel(auth=AuthMethod.PSK, psk=fields.psk(options["psk"]))
 
     if global_problem or local is None:
         raise Reject(global_problem or "must set 'certificate' as local certificate when using CA-signed "
@@ -127,17 +135,16 @@ def _tunnel(row: InterfaceRow, options: Mapping[str, str], config: GlobalConfig,
         if remote_name != remote.cn:
             raise Reject(f"'remote_name' {shown(remote_name)} does not match the CN {shown(remote.cn)} "
                          f"of 'remote_cert' {remote_cert}")
-        return Tunnel(auth=AuthMethod.PEER_CERT, local_name=local.name, remote_name=remote_name,
-                      local_cert_pem=local.cert_pem, local_key_pem=local.key_pem,
-                      remote_cert_pem=remote.pem, **common)
+        return tunnel(auth=AuthMethod.PEER_CERT, local_name=local.name, remote_name=remote_name,
+                      local_cert_pem=local.cert_pem, local_key_pem=local.key_pem, remote_cert_pem=remote.pem)
 
     remote_name = fields.name(options["remote_name"], "'remote_name'")
     if not config.ca_cert:
         raise Reject("must set 'remote_cert' when using self-signed certificate authentication or "
                      "'ca_cert' when using CA-signed certificate authentication")
     ca = facts.certs[config.ca_cert]
-    return Tunnel(auth=AuthMethod.CA_CERT, local_name=local.name, remote_name=remote_name,
-                  local_cert_pem=local.cert_pem, local_key_pem=local.key_pem, ca_cert_pem=ca.pem, **common)
+    return tunnel(auth=AuthMethod.CA_CERT, local_name=local.name, remote_name=remote_name,
+                  local_cert_pem=local.cert_pem, local_key_pem=local.key_pem, ca_cert_pem=ca.pem)
 
 
 def _address(options: Mapping[str, str], key: str) -> str | None:

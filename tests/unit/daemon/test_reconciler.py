@@ -182,7 +182,7 @@ def test_an_unknown_option_is_reported_not_applied():
     status = loop.status("gnv")
     assert status.state is TunnelState.LOADED
     assert dict(status.ignored_options) == {
-        "ipsec_leftupdown": "not an option this monitor applies",
+        "ipsec_leftupdown": "refused: would run a command as root",
         "dpd_timeout": "charon ends an unanswered IKEv2 liveness check after its retransmission timeout "
                        "(strongswan.conf), not per connection"}
 

@@ -132,7 +132,7 @@ class FakeRun:
 def test_installer_runs_ip_with_argv_lists():
     run = FakeRun()
     installer = XfrmPolicyInstaller(run=run, timeout=7)
-    assert len(installer.list()) == 9
+    assert len(installer.policies()) == 9
     installer.run_batch(["xfrm policy add a", "xfrm policy deleteall priority 257867777",
                          "xfrm policy deleteall dir out index 9 priority 257867777", "xfrm policy delete b"])
     installer.run_batch([])

@@ -15,9 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from ovs_ipsec.atomicfile import write_atomic
+from ovs_ipsec.errors import FileWriteError, OvsIpsecError, PkiError
 from ovs_ipsec.pki import ca, files
 from ovs_ipsec.pki.cli import add_parser, main
-from ovs_ipsec.pki.files import PkiError
 from ovs_ipsec.pki.inspect import CertificateInspector, cert_problems, key_matches
 
 
@@ -182,7 +183,7 @@ def test_user_errors_are_one_clear_line(workdir, capsys, argv, message):
 
 def test_sign_refuses_an_expired_ca(workdir, capsys):
     layout = files.PkiLayout(workdir / "pki")
-    long_ago = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    long_ago = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
     ca.save_authority(layout, "switch", ca.make_authority("switch", ca.DEFAULT_KEY, 30, long_ago), force=False)
     assert pki("req", "host") == 0
     assert pki("--dir", "pki", "sign", "host") == 1
@@ -255,17 +256,17 @@ def test_module_entry_point(workdir):
 
 def test_write_atomic_never_clobbers(workdir):
     target = workdir / "file.pem"
-    files.write_atomic(target, b"one", secret=True, overwrite=False)
-    with pytest.raises(PkiError, match="already exists"):
-        files.write_atomic(target, b"two", secret=True, overwrite=False)
+    write_atomic(target, b"one", secret=True, overwrite=False)
+    with pytest.raises(FileWriteError, match="already exists"):
+        write_atomic(target, b"two", secret=True, overwrite=False)
     assert target.read_bytes() == b"one"
-    files.write_atomic(target, b"three", secret=True, overwrite=True)
+    write_atomic(target, b"three", secret=True, overwrite=True)
     assert target.read_bytes() == b"three" and mode(target) == 0o600
     assert sorted(p.name for p in workdir.iterdir()) == ["file.pem"]
 
 
 def test_library_builds_without_files():
-    now = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
     authority = ca.make_authority("switch", ca.DEFAULT_KEY, 365, now)
     key = ca.generate_key(ca.KeySpec.parse("ecdsa", 384))
     cert = ca.issue(ca.make_request(key, "edge"), authority, 30, now)
@@ -279,4 +280,11 @@ def test_library_builds_without_files():
 def test_certificates_are_valid_now(workdir):
     assert pki("req", "h") == 0 and pki("self-sign", "h") == 0
     facts = CertificateInspector().cert("h-cert.pem")
-    assert cert_problems(facts, dt.datetime.now(dt.timezone.utc).timestamp()) is None
+    assert cert_problems(facts, dt.datetime.now(dt.UTC).timestamp()) is None
+
+
+def test_every_error_of_the_pki_and_the_writer_is_an_ovs_ipsec_error(workdir):
+    assert issubclass(PkiError, OvsIpsecError) and issubclass(FileWriteError, OvsIpsecError)
+    (workdir / "taken").mkdir()
+    with pytest.raises(OvsIpsecError):  # writing over a directory: an error the caller catches
+        write_atomic(workdir / "taken", b"x", secret=True, overwrite=True)

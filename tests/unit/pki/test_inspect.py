@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import threading
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from ovs_ipsec.pki.inspect import (
     key_matches,
 )
 
-NOW = dt.datetime(2026, 1, 15, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 15, 12, 0, tzinfo=dt.UTC)
 DAY = 86400.0
 
 

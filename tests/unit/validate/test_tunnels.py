@@ -96,14 +96,39 @@ def test_ipsec_options_become_typed_values():
 def test_an_unknown_ipsec_option_is_ignored_and_reported_never_invalid():
     """OVN copies every NB_Global ipsec_* key onto every tunnel: one of them must not invalidate all."""
     (tunnel,) = check(row("t", "geneve", ipsec_leftupdown="/bin/evil", ipsec_ikev2="insist",
-                          **{"ipsec_nat-keepalive": "20s", "ipsec_x\nevil": "1"}, **PSK)).tunnels
+                          ipsec_leftsubnet="0.0.0.0/0", ipsec_type="passthrough",
+                          **{"ipsec_x-anything": "20s", "ipsec_x\nevil": "1"}, **PSK)).tunnels
     assert dict(tunnel.options.ignored) == {
         "ipsec_ikev2": "this monitor always uses IKEv2",
-        "ipsec_leftupdown": "not an option this monitor applies",
-        "ipsec_nat-keepalive": "not an option this monitor applies",
+        "ipsec_leftsubnet": "refused: endpoints, selectors and identities come from the tunnel's own options",
+        "ipsec_leftupdown": "refused: would run a command as root",
+        "ipsec_type": "refused: tunnels are always encrypted in transport mode",
+        "ipsec_x-anything": "not an option this monitor applies",
         "ipsec_x\\nevil": "not an option this monitor applies",
     }
     assert tunnel.options.in_force() == ()
+
+
+def test_ovns_own_test_options_are_applied():
+    """tests/ovn-ipsec.at of OVN sets these through NB_Global options:ipsec_* (copied onto every tunnel)."""
+    (tunnel,) = check(row("ovn-hv2-0", "geneve", ipsec_encapsulation="yes", **{"ipsec_replay-window": "100"},
+                          **{"ipsec_dpd-delay": "30s", "ipsec_dpd-timeout": "120s"}, ipsec_salifetime="8h",
+                          **PSK)).tunnels
+    options = tunnel.options
+    assert (options.forceencaps, options.replay_window, options.dpd_delay, options.dpd_timeout,
+            options.sa_lifetime, options.ignored) == (True, 100, 30, 120, 8 * 3600, ())
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"ipsec_esp": "null-sha256"}, "'null' is not an algorithm name"),
+    ({"ipsec_ike": "aes128-md5-modp1024"}, "'md5' is not an algorithm name"),
+    ({"ipsec_esp": "aes_gmac"}, "'aes_gmac' is not an algorithm name"),
+    ({"ipsec_rekeymargin": "2h", "ipsec_salifetime": "1h"}, "must be shorter than 'ipsec_salifetime'"),
+    ({"ipsec_salifetime": "10s"}, "a lifetime from 1m to 7d"),
+    ({"ipsec_esn": "maybe"}, "(one of: yes, no, either)"),
+])
+def test_a_malformed_value_of_a_known_option_makes_the_tunnel_invalid(options, reason):
+    assert reason in reason_of(check(row("t", "geneve", **options, **PSK)), "t")
 
 
 def test_two_spellings_of_one_option_must_agree():

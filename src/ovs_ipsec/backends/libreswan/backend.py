@@ -15,7 +15,15 @@ from dataclasses import dataclass, replace
 from ...errors import BackendError, CommandError
 from ...model import AuthMethod, ObservedState, Tunnel
 from ...planner import (
-    Action, Initiate, LoadConn, LoadSecret, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
+    Action,
+    Initiate,
+    LoadConn,
+    LoadSecret,
+    Naming,
+    Peering,
+    TerminateChild,
+    UnloadConn,
+    UnloadSecret,
 )
 from ...runner import Runner, run
 from . import nss, parse, render
@@ -167,6 +175,7 @@ class LibreSwanBackend:
                 text = render.secrets_file(action.peering)
             except ValueError as exc:
                 raise BackendError(f"cannot describe {action.peering.conn_name} to pluto: {exc}") from exc
+            assert action.peering.secret_id is not None  # only PSK peerings have a secret to load
             if self._files.write(action.peering.secret_id, ".secrets", text, secret=True):
                 self._secrets_fresh = False
         elif isinstance(action, UnloadSecret):
@@ -270,6 +279,7 @@ class LibreSwanBackend:
     def _install_certificates(self, peering: Peering) -> None:
         first = peering.tunnels[0]
         local, peer, ca = render.nss_names(first)
+        assert local is not None  # a certificate tunnel always has its own certificate
         changed = self._nss.ensure(local, first.local_cert_pem or b"", "u,u,u", key_pem=first.local_key_pem or b"")
         if peer:
             changed |= self._nss.ensure(peer, first.remote_cert_pem or b"", nss.TRUST_PEER)

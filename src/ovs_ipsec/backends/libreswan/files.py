@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...atomicfile import write_atomic
 from ...errors import BackendError, OvsIpsecError
 from .render import FILE_HEADER, OWNER_PREFIX, PEERING_NAME
 
@@ -70,7 +71,8 @@ class ConnFiles:
             return set(), set()
         except OSError as exc:
             raise BackendError(f"cannot read {self.paths.conn_dir}: {exc.strerror}", transport=True) from exc
-        conf, secrets = set(), set()
+        conf: set[str] = set()
+        secrets: set[str] = set()
         for entry in entries:
             stem, ext = os.path.splitext(entry)
             if PEERING_NAME.fullmatch(stem) and ext in (".conf", ".secrets"):
@@ -122,8 +124,6 @@ class ConnFiles:
 
 def write(path: str, text: str, secret: bool) -> bool:
     """Temp file + fsync + rename (mode 0600 for secrets, set at creation); false when already so."""
-    from ...pki.files import write_atomic
-
     try:
         current = os.stat(path)
         with open(path) as handle:

@@ -15,12 +15,15 @@ import secrets
 import shutil
 import tempfile
 
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
 from ...errors import BackendError, CommandError
 from ...runner import Runner, run
 from . import parse
 
 log = logging.getLogger(__name__)
 
+PKCS12_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
 TRUST_PEER = "P,P,P"  # a pinned peer certificate: trusted as itself, not as a CA
 TRUST_CA = "CT,,"
 
@@ -95,8 +98,11 @@ class NssDatabase:
 
         password = secrets.token_hex(16)
         try:
+            key = serialization.load_pem_private_key(key_pem, None)
+            if not isinstance(key, PKCS12_KEY_TYPES):
+                raise BackendError(f"NSS database {self.directory}: {type(key).__name__} keys cannot be imported")
             bundle = pkcs12.serialize_key_and_certificates(
-                nickname.encode(), serialization.load_pem_private_key(key_pem, None),
+                nickname.encode(), key,
                 x509.load_pem_x509_certificate(cert_pem), None,
                 serialization.BestAvailableEncryption(password.encode()))
         except (ValueError, TypeError) as exc:

@@ -10,7 +10,8 @@ the 4.x -> 5.x changes:
 What did change is tolerated: LibreSwan 4 prefixes each line with a three-digit code ("000 "),
 5 does not; 4 names states `STATE_V2_ESTABLISHED_IKE_SA`, 5.0-5.3 `ESTABLISHED_IKE_SA`, later
 versions print only the description (`established IKE SA`); a Child SA names its IKE SA as
-`isakmp#1` (4) or `IKE SA #1` (5). Traffic lines (`esp.<spi>@... Traffic:`) are skipped.
+`isakmp#1` (early 4.x) or `IKE SA #1` (4.10 and 5, as captured in the lab from Debian 12's 4.10 and
+Debian 13's 5.2). Traffic lines (`esp.<spi>@... Traffic:`) are skipped.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ _IKE_UP = re.compile(r"ESTABLISHED_IKE_SA|established IKE SA|STATE_(?:MAIN|AGGR)
 _CHILD_UP = re.compile(r"ESTABLISHED_CHILD_SA|established Child SA|IPsec SA established|STATE_QUICK_[IR]2\b")
 _PARENT = re.compile(r"(?:isakmp#|IKE SA #)(\d+)")
 _STATE_NAME = re.compile(r"\b((?:STATE_)?[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)\b")
-_PROBLEM = re.compile(r"did not load|failed to add|not found|no connection named|cannot|ERROR|FATAL|"
-                      r"unknown|invalid|[Ff]ailed", re.IGNORECASE)
+# "no connection named" (4.x) became "no connection or alias named" in 5.x (5.2, captured).
+_PROBLEM = re.compile(r"did not load|failed to add|not found|no connection (?:or alias )?named|cannot|ERROR|"
+                      r"FATAL|unknown|invalid|[Ff]ailed", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -156,9 +158,11 @@ def problem(stdout: str, stderr: str, returncode: int) -> str | None:
 
     Neither tool's exit status is enough: LibreSwan 4's addconn exits 0 when a connection "did
     not load properly", and whack exits 0 when the connection it was asked to initiate is
-    unknown. LibreSwan 4 marks errors with codes 020-099 (e.g. "021 no connection named"); 010
-    is RC_RETRANSMISSION, "failure, but not definitive": an asynchronous initiate queued on an IKE
-    SA may echo that SA's retransmissions, and the initiate still goes ahead.
+    unknown (5.2 exits 255 and 21 there, with `ERROR: ipsec addconn: ...` and `no connection or
+    alias named "x"`, and no codes). LibreSwan 4 marks errors with codes 020-099 (e.g. "021 no
+    connection named"); 010 is RC_RETRANSMISSION, "failure, but not definitive": an asynchronous
+    initiate queued on an IKE SA may echo that SA's retransmissions, and the initiate still goes
+    ahead.
     """
     bad = []
     for raw in (stdout + "\n" + stderr).splitlines():

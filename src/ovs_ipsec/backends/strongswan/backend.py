@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Collection
+from typing import TypeVar
 
 import vici
 import vici.exception
@@ -15,12 +16,21 @@ import vici.exception
 from ...errors import BackendError
 from ...model import ObservedState, Tunnel
 from ...planner import (
-    Action, Initiate, LoadConn, LoadSecret, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
+    Action,
+    Initiate,
+    LoadConn,
+    LoadSecret,
+    Naming,
+    Peering,
+    TerminateChild,
+    UnloadConn,
+    UnloadSecret,
 )
 from ..naming import is_ours
 from . import parse, render
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EVENT_TYPES = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"]
 
@@ -48,7 +58,7 @@ class StrongSwanBackend:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def _call(self, what: str, func: Callable[[vici.Session], object]) -> object:
+    def _call(self, what: str, func: Callable[[vici.Session], T]) -> T:
         """Run one VICI exchange; a broken or slow socket is dropped so the next call reconnects."""
         try:
             if self._session is None:
@@ -86,9 +96,8 @@ class StrongSwanBackend:
             secrets = frozenset()  # a scoped look leaves secrets to the caller's cache
             conns, sas = {}, {}
             for name in conn_names:
-                conns.update(parse.owned_conns(self._call(f"list-conns {name}",
-                                                          lambda s, n=name: list(s.list_conns({"ike": n})))))
-                sas.update(parse.ike_sas(self._call(f"list-sas {name}", lambda s, n=name: list(s.list_sas({"ike": n})))))
+                conns.update(parse.owned_conns(self._call(f"list-conns {name}", _listing("list_conns", name))))
+                sas.update(parse.ike_sas(self._call(f"list-sas {name}", _listing("list_sas", name))))
         return ObservedState(conns=conns, shared_secrets=secrets, sas=sas)
 
     def flush(self) -> None:
@@ -149,7 +158,7 @@ class StrongSwanBackend:
         for digest, key_id in list(self._loaded_keys.items()):
             if digest not in keep:
                 if key_id:
-                    self._call("unload-key", lambda s, k=key_id: s.unload_key({"id": k}))
+                    self._call("unload-key", _command("unload_key", {"id": key_id}))
                 del self._loaded_keys[digest]
 
     # -- events ------------------------------------------------------------------------------
@@ -195,6 +204,15 @@ class StrongSwanBackend:
             except OSError:
                 pass
         self._drop_session()
+
+
+def _listing(method: str, conn_name: str) -> Callable[[vici.Session], list]:
+    """A streamed listing of one connection, collected (the session's generator is lazy)."""
+    return lambda session: list(getattr(session, method)({"ike": conn_name}))
+
+
+def _command(method: str, message: dict) -> Callable[[vici.Session], object]:
+    return lambda session: getattr(session, method)(message)
 
 
 def _drain(stream) -> None:

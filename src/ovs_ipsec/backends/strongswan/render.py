@@ -46,9 +46,9 @@ def child_owner(child: str) -> str | None:
 def render_conn(peering: Peering) -> dict:
     """The load-conn message for a peering: its IKE parameters and every member tunnel's children."""
     body = _ike_body(peering.tunnels[0])
-    children = {}
+    children: dict[str, dict] = {}
     for tunnel in peering.tunnels:
-        children.update(zip(child_names(tunnel), _child_bodies(tunnel)))
+        children.update(zip(child_names(tunnel), _child_bodies(tunnel), strict=True))
     body["children"] = children
     return {peering.conn_name: body}
 
@@ -75,10 +75,13 @@ def _ike_body(tunnel: Tunnel) -> dict:
 
 def not_applicable(options: IkeOptions) -> tuple[tuple[str, str], ...]:
     """Options charon has no per-connection setting for, with the reason status shows."""
-    if options.dpd_timeout is None:
-        return ()
-    return (("dpd_timeout", "charon ends an unanswered IKEv2 liveness check after its retransmission "
-             "timeout (strongswan.conf), not per connection"),)
+    global_only = "charon has this setting in strongswan.conf only, for all connections"
+    return tuple((name, why) for name, value, why in (
+        ("dpd_timeout", options.dpd_timeout, "charon ends an unanswered IKEv2 liveness check after its "
+                                             "retransmission timeout (strongswan.conf), not per connection"),
+        ("retransmit_timeout", options.retransmit_timeout, global_only),
+        ("nat_keepalive", options.nat_keepalive, global_only),
+    ) if value is not None)
 
 
 def _local_auth(tunnel: Tunnel) -> dict:
@@ -105,7 +108,7 @@ def _child_bodies(tunnel: Tunnel) -> list[dict]:
             "mode": "transport",
             "local_ts": [_traffic_selector(selector.protocol, selector.local_port)],
             "remote_ts": [_traffic_selector(selector.protocol, selector.remote_port)],
-            "esp_proposals": _proposals(options.esp, default_esp),
+            "esp_proposals": [_with_esn(p, options.esn) for p in _proposals(options.esp, default_esp)],
             # Trap on both sides: until an SA exists the kernel holds tunnel packets instead of
             # sending them in plaintext, and a packet triggers negotiation if ours has not.
             "start_action": "trap",
@@ -137,6 +140,13 @@ def _rekeying(lifetime: int | None, default_lifetime: int, options: IkeOptions, 
     else:
         times["over_time"] = f"{margin}s"
     return times
+
+
+def _with_esn(proposal: str, esn: str | None) -> str:
+    """LibreSwan's esn= as charon says it: extended sequence numbers are part of the ESP proposal."""
+    if esn is None or "esn" in proposal.split("-"):
+        return proposal
+    return proposal + {"yes": "-esn", "no": "-noesn", "either": "-esn-noesn"}[esn]
 
 
 def _proposals(chosen: tuple[str, ...] | None, default: str) -> list[str]:

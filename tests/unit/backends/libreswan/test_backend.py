@@ -83,6 +83,30 @@ def test_version_is_detected_once_and_picks_the_dialect(fake, lsw):
     assert sum(1 for c in fake.calls if c[1:] == ["--version"]) == 1
 
 
+@pytest.mark.parametrize("version, major, minor", [("4.10", 4, 10), ("5.2", 5, 2)])
+def test_captured_versions_pick_the_dialect_and_the_file_style(fake, paths, version, major, minor):
+    """Debian 12's and Debian 13's `ipsec --version` (captured in the lab): the dialect, and the
+    rendering style that follows it (5.x files: no hostaddrfamily=; the style is in every name)."""
+    fake.version = (GOLDEN_DIR / f"libreswan_{version}_version.txt").read_text()
+    lsw = LibreSwanBackend(paths, run=fake)
+    assert (lsw.dialect().major, lsw.dialect().minor) == (major, minor)
+    tunnel = validate(desired(row("gnv0", "geneve", **PSK)), CertificateFacts(), 0).tunnels[0]
+    assert lsw.naming.conn_name(tunnel) == render.conn_name(tunnel, render.Style(major=major))
+    assert lsw.dialect().whack(paths, "--status") == [paths.ipsec, "whack", "--ctlsocket", paths.ctl, "--status"]
+
+
+def test_5_2_refusing_to_initiate_an_unknown_connection_is_an_error_with_its_reason(fake, lsw):
+    """5.2 exits 21 and prints `no connection or alias named` (4.10: exit 0, `021 no connection named`)."""
+    from testsupport.golden import captured
+
+    fake.version = (GOLDEN_DIR / "libreswan_5.2_version.txt").read_text()
+    rc, out, err = captured("libreswan_5.2_initiate_unknown.txt")
+    fake.answers["--name"] = Completed(out, err, rc)
+    with pytest.raises(BackendError) as error:
+        lsw.apply(Initiate("ovsipsec-10.0.0.2-0123456789", "nosuch"))
+    assert not error.value.transport and 'no connection or alias named "nosuch"' in str(error.value)
+
+
 def test_an_ipsec_that_is_not_libreswan_is_an_error(fake, lsw):
     fake.version = "Linux strongSwan U5.9.8/K6.1.0\n"
     with pytest.raises(BackendError) as error:
@@ -359,3 +383,12 @@ def test_a_stuck_command_fails_only_its_own_connection(fake, lsw):
     with pytest.raises(BackendError) as error:
         lsw.apply(LoadConn(peering))
     assert not error.value.transport and "timed out" in str(error.value)  # backoff for this one only
+
+
+def test_a_file_that_cannot_be_written_fails_its_connection_only(fake, lsw, paths):
+    """Writing over a directory raised the PKI module's own error, which aborted the whole pass."""
+    peering = peering_of(lsw, row("gnv0", "geneve", **PSK))
+    os.makedirs(os.path.join(paths.conn_dir, f"{peering.secret_id}.secrets"))
+    with pytest.raises(BackendError) as error:
+        lsw.apply(LoadSecret(peering))
+    assert not error.value.transport and "cannot write" in str(error.value)

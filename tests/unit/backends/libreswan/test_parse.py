@@ -1,4 +1,4 @@
-"""pluto's output -> observed values, on captured 4.10 output and documented 5.x formats.
+"""pluto's output -> observed values, on captured 4.10 and 5.2 output and documented 5.x formats.
 
 Inputs are golden files (libreswan_SOURCES.md says where each comes from); the parsed result
 is compared with a golden JSON file, so a parser change shows up as a reviewable diff.
@@ -11,19 +11,12 @@ from dataclasses import asdict
 
 import pytest
 
-from testsupport.golden import GOLDEN_DIR, assert_golden
+from testsupport.golden import GOLDEN_DIR, assert_golden, captured
 from ovs_ipsec.backends.libreswan import parse, render
 
 
 def read(name: str) -> str:
     return (GOLDEN_DIR / name).read_text()
-
-
-def captured(name: str) -> tuple[int, str, str]:
-    """The exit status, stdout and stderr of a captured command."""
-    head, rest = read(name).split("\n", 1)
-    stdout, stderr = rest.removeprefix("--- stdout\n").split("--- stderr\n")
-    return int(head.removeprefix("rc=")), stdout, stderr
 
 
 def as_json(value) -> str:
@@ -38,7 +31,8 @@ def observed_json(status: str, conn_files=(), secret_files=()) -> dict:
 
 
 @pytest.mark.parametrize("text, expected", [
-    (None, (4, 10)),  # captured `ipsec --version` of Debian 12's package
+    ("libreswan_4.10_version.txt", (4, 10)),  # captured `ipsec --version` of Debian 12's package
+    ("libreswan_5.2_version.txt", (5, 2)),    # and of Debian 13's, in the lab
     ("Libreswan 5.2\n", (5, 2)),
     ("Libreswan v5.3dr1\n", (5, 3)),
     ("Linux Libreswan 3.32 (netkey) on 5.10.0\n", (3, 32)),
@@ -46,7 +40,7 @@ def observed_json(status: str, conn_files=(), secret_files=()) -> dict:
     ("", None),
 ])
 def test_version(text, expected):
-    assert parse.version(read("libreswan_4.10_version.txt") if text is None else text) == expected
+    assert parse.version(read(text) if text.endswith(".txt") else text) == expected
 
 
 @pytest.mark.parametrize("side", ["initiator", "responder"])
@@ -57,6 +51,49 @@ def test_captured_4_10_status(side):
               "states": [asdict(s) for s in parse.states(status)],
               "observed": observed_json(status, files, files)}
     assert_golden(f"libreswan_4.10_status_{side}.parsed.json", as_json(result))
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_captured_5_2_status(side):
+    """Debian 13's pluto 5.2 in the lab (lab/run.sh --golden), a CA-signed VXLAN tunnel carrying ESP."""
+    status = read(f"libreswan_5.2_status_{side}.txt")
+    files = {parts[0] for name in parse.loaded_conns(status) if (parts := render.split_name(name))}
+    result = {"loaded": sorted(parse.loaded_conns(status)),
+              "states": [asdict(s) for s in parse.states(status)],
+              "observed": observed_json(status, files, files)}
+    assert_golden(f"libreswan_5.2_status_{side}.parsed.json", as_json(result))
+
+
+def test_captured_5_2_status_and_showstates_agree_on_states():
+    for side in ("initiator", "responder"):
+        assert parse.states(read(f"libreswan_5.2_status_{side}.txt")) == \
+            parse.states(read(f"libreswan_5.2_showstates_{side}.txt"))
+
+
+@pytest.mark.parametrize("name", ["libreswan_5.2_showstates_initiator.txt", "libreswan_5.2_showstates_responder.txt",
+                                  "libreswan_4.10_esp_showstates_initiator.txt",
+                                  "libreswan_4.10_esp_showstates_responder.txt"])
+def test_captured_established_tunnel_with_esp(name):
+    """Real Child SAs (the lab's kernel has ESP): one IKE SA, owned by the anchor, with the
+    tunnel's two children installed on it, on both major versions."""
+    found = parse.states(read(name))
+    assert [s.serial for s in found if not s.child] == [1]
+    assert all(s.established for s in found)
+    ((peering, (sa,)),) = parse.ike_sas(found).items()
+    assert sa.unique_id == "#1" and sa.state == "ESTABLISHED"
+    assert [child.rsplit("_", 1)[1][:7] for child in sa.installed_children] == ["tun-in-", "tun-out"]
+    assert all(child.startswith(peering + "_") for child in sa.installed_children)
+    if "4.10" in name:
+        result = {"states": [asdict(s) for s in found], "observed": observed_json(read(name))}
+        assert_golden(name.replace(".txt", ".parsed.json"), as_json(result))
+
+
+def test_trafficstatus_is_not_state_output():
+    """The backend never reads --trafficstatus (captured for reference): its lines name the
+    connection like state lines, with `type=ESP` where a state name would be."""
+    for version in ("5.2", "4.10_esp"):
+        text = read(f"libreswan_{version}_trafficstatus_initiator.txt")
+        assert "type=ESP" in text and "inBytes=" in text and "ESTABLISHED" not in text
 
 
 def test_captured_4_10_status_and_showstates_agree_on_states():
@@ -125,6 +162,16 @@ def test_problem_on_captured_failures():
     assert parse.unreachable(out, err) and parse.problem(out, err, rc)
 
 
+def test_problem_on_captured_5_2_failures():
+    # 5.2 exits non-zero where 4.10 exited 0, and words the errors differently, without codes
+    rc, out, err = captured("libreswan_5.2_addconn_bad.txt")
+    assert rc == 255 and parse.problem(out, err, rc).startswith("ERROR: ipsec addconn: bad leftprotoport=")
+    rc, out, err = captured("libreswan_5.2_initiate_unknown.txt")
+    assert rc == 21 and parse.problem(out, err, rc).startswith('no connection or alias named "nosuch"')
+    rc, out, err = captured("libreswan_5.2_not_running.txt")
+    assert rc == 33 and parse.unreachable(out, err) and "Pluto is not running" in parse.problem(out, err, rc)
+
+
 @pytest.mark.parametrize("out", [
     "000 initiating all conns with alias='x'\n181 \"x\" #1: initiating IKEv2 connection\n",
     # seen in the lab: an initiate queued on an IKE SA that was retransmitting (code 010)
@@ -159,3 +206,19 @@ def test_nss_listing_and_pem_blocks():
     assert parse.nss_nicknames(listing) == {"ovsipsec-key-0123456789abcdef", "ovsipsec-ca-0123456789abcdef"}
     pem = "-----BEGIN CERTIFICATE-----\nAAAA\nBBBB\n-----END CERTIFICATE-----\n"
     assert parse.pem_blocks(pem + pem.replace("AAAA", "CCCC")) == ["AAAABBBB", "CCCCBBBB"]
+
+
+@pytest.mark.parametrize("version", ["4.10", "5.2"])
+def test_rendered_golden_files_were_accepted_by_real_pluto(version):
+    """lab/run.sh --golden loads every rendered golden .conf (but those naming NSS certificates)
+    into Debian 12's pluto 4.10 and Debian 13's 5.2 with `ipsec addconn`, as the backend does:
+    each exited 0, with nothing on stderr and nothing parse.problem calls a problem."""
+    outcome = json.loads(read(f"libreswan_{version}_golden_conf_addconn.json"))
+    written = {path.stem for path in GOLDEN_DIR.glob("libreswan*.conf")}
+    assert {case for case in written if not case.endswith(("ca_cert", "peer_cert"))} == outcome.keys()
+    other_major = "libreswan5_" if version.startswith("4") else "libreswan4_"
+    for case, result in outcome.items():
+        if case.startswith(other_major):
+            continue  # written for the other major version
+        assert result["rc"] == 0 and not result["stderr"], case
+        assert parse.problem(result["stdout"], result["stderr"], result["rc"]) is None, case

@@ -1,10 +1,16 @@
-"""Parsing charon's replies (captured from strongSwan 5.9.8 over VICI)."""
+"""Parsing charon's replies (captured from strongSwan 5.9.8 and 6.0.1 over VICI)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
+from dataclasses import asdict
 
+import pytest
+
+from testsupport.golden import GOLDEN_DIR, assert_golden
 from ovs_ipsec.backends.strongswan import parse
 from ovs_ipsec.backends.strongswan.backend import _peer_process
 
@@ -57,3 +63,84 @@ def test_the_daemon_at_the_other_end_of_the_socket_is_named_by_pid_and_start_tim
         first = _peer_process(ours)
         assert first == _peer_process(ours) and first.startswith(f"{os.getpid()}@")
         assert "?" not in first
+
+
+# -- captured replies (lab/run.sh --golden: Debian 12's charon 5.9.8, Debian 13's 6.0.1) -------------
+
+VERSIONS = ["5.9.8", "6.0.1"]
+
+
+def _as_vici(value):
+    """A captured reply as python-vici returns it: str keys, bytes values (JSON kept them as str)."""
+    if isinstance(value, dict):
+        return {k: _as_vici(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_vici(v) for v in value]
+    return value.encode()
+
+
+def captured(version: str, what: str):
+    path = GOLDEN_DIR / f"strongswan_{version}_{what}"
+    if path.suffix == ".jsonl":
+        return [{k: _as_vici(v) if k == "message" else v for k, v in json.loads(line).items()}
+                for line in path.read_text().splitlines()]
+    return _as_vici(json.loads(path.read_text()))
+
+
+def parsed(version: str) -> dict:
+    """Everything the backend reads from one charon, through the project's parsers."""
+    def sas(reply):
+        return {name: [asdict(sa) for sa in found] for name, found in parse.ike_sas(reply).items()}
+
+    return {
+        "version": parse.text(captured(version, "version.json")["version"]),
+        "conns": {name: sorted(children) for name, children
+                  in parse.owned_conns(captured(version, "list_conns.json")).items()},
+        "ike_sas_initiator": sas(captured(version, "list_sas_initiator.json")),
+        "ike_sas_responder": sas(captured(version, "list_sas_responder.json")),
+        "secrets": sorted(parse.owned_secrets(captured(version, "get_shared.json"))),
+        "events": [[event["event"], sorted(parse.event_conn_names(event["message"]))]
+                   for event in captured(version, "events.jsonl")],
+    }
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_captured_replies_parse_to_golden(version):
+    assert_golden(f"strongswan_{version}.parsed.json", json.dumps(parsed(version), indent=2, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_captured_tunnel_is_established_with_both_children_installed(version):
+    """A CA-signed VXLAN tunnel carrying ESP: one IKE SA per side with the tunnel's in and out
+    children installed (list-sas), the same children loaded (list-conns), our PSK id alone in
+    get-shared, and events that name only our connection."""
+    result = parsed(version)
+    ((conn, children),) = result["conns"].items()
+    assert [re.sub(r"-[0-9a-f]{6}$", "", child) for child in children] == ["tun-in", "tun-out"]
+    for side in ("initiator", "responder"):
+        ((name, (sa,)),) = result[f"ike_sas_{side}"].items()
+        assert sa["state"] == "ESTABLISHED" and sorted(sa["installed_children"]) == children
+    assert result["ike_sas_initiator"].keys() == {conn}
+    assert [re.sub(r"-[0-9a-f]{10}$", "", secret) for secret in result["secrets"]] == ["ovsipsec-10.0.0.2"]
+    assert [kind for kind, _ in result["events"]] == ["ike-updown", "child-updown", "child-updown"]
+    assert all(len(names) == 1 and names[0].startswith("ovsipsec-10.0.0.2-") for _, names in result["events"])
+
+
+def test_6_0_replies_have_the_shape_of_5_9():
+    """What changed between the two captures is values (names, SPIs, times), not the layout the
+    parsers read: every key path of 5.9.8's replies is in 6.0.1's, and the other way round."""
+    def paths(value, prefix=""):
+        found = set()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                key = re.sub(r"^(?:ovsipsec-.*|tun-(?:in|out)-[0-9a-f]{6}(?:-\d+)?)$", "<name>", key)
+                found |= {f"{prefix}/{key}"} | paths(item, f"{prefix}/{key}")
+        elif isinstance(value, list):
+            for item in value:
+                found |= paths(item, f"{prefix}[]")
+        return found
+
+    for what in ("version.json", "list_sas_initiator.json", "list_sas_responder.json", "list_conns.json",
+                 "get_shared.json", "events.jsonl"):
+        old, new = (paths(captured(version, what)) for version in VERSIONS)
+        assert old == new, what

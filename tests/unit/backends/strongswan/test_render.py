@@ -34,19 +34,13 @@ def message_for(*rows):
 
 
 @pytest.mark.parametrize("case, r", [
-    ("geneve_psk", row("gnv0", "geneve", **PSK)),
-    ("vxlan_custom_port_forceencaps", row("vx0", "vxlan", dst_port="7000", ipsec_forceencaps="yes", **PSK)),
+    # charon's own proposal names; the cases every backend shares are in tests/unit/backends/test_render_cases.py.
     ("gre_ipv6_options", row("gre0", "gre", local_ip="fd00::1", remote_ip="fd00::2", psk="x",
                              ipsec_ike="aes128gcm16-sha256-ecp256", ipsec_esp="aes128gcm16", ipsec_dpd_delay="10s",
                              **{"ipsec_replay-window": "128"})),
 ])
 def test_psk_connections_match_golden(case, r):
     assert_golden(f"strongswan_{case}.json", as_text(message_for(r)))
-
-
-def test_tunnels_sharing_a_peering_render_one_connection_with_all_children():
-    assert_golden("strongswan_shared_peering.json", as_text(message_for(
-        row("gnv0", "geneve", **PSK), row("gre0", "gre", **PSK))))
 
 
 def test_certificate_connections_embed_their_certificates():

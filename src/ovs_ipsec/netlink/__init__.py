@@ -1,0 +1,1 @@
+"""Adapters that talk to the kernel over netlink."""

@@ -1,0 +1,93 @@
+"""The strongSwan adapter against a VICI server that answers like charon (testsupport.fakecharon)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ovs_ipsec.backends.strongswan.backend import StrongSwanBackend
+from ovs_ipsec.errors import BackendError
+from ovs_ipsec.planner import Initiate, LoadConn, LoadSecret, TerminateChild, UnloadConn, UnloadSecret, group_peerings
+from ovs_ipsec.validate import CertificateFacts, validate
+from testsupport.builders import desired, row
+from testsupport.fakecharon import FakeCharon
+
+PSK = dict(local_ip="10.0.0.1", remote_ip="10.0.0.2", psk='sw"ord # fish\n')
+
+
+@pytest.fixture
+def charon(tmp_path):
+    server = FakeCharon(tmp_path / "charon.vici")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def backend(charon):
+    adapter = StrongSwanBackend(f"unix://{charon.path}", timeout=2)
+    yield adapter
+    adapter.close()
+
+
+def peering_of(*rows):
+    (peering,) = group_peerings(validate(desired(*rows), CertificateFacts(), 0).tunnels,
+                                StrongSwanBackend.naming)[0].values()
+    return peering
+
+
+def test_loading_a_peering_then_observing_it(charon, backend):
+    peering = peering_of(row("gnv", "geneve", **PSK))
+    backend.apply(LoadSecret(peering))
+    backend.apply(LoadConn(peering))
+    assert charon.shared[peering.secret_id]["data"] == PSK["psk"].encode()  # bytes as they are: VICI is binary-safe
+    assert set(charon.conns) == {peering.conn_name}
+    children = [child for child, _ in peering.children]
+    charon.establish(peering.conn_name, "7", {children[0]: "INSTALLED", children[1]: "REKEYING"})
+    charon.conns["operator-vpn"] = {"children": {}}  # not ours: never observed
+    observed = backend.observe(None)
+    assert set(observed.conns) == {peering.conn_name} and observed.shared_secrets == {peering.secret_id}
+    (sa,) = observed.sas_of(peering.conn_name)
+    assert sa.established and sa.unique_id == "7" and sa.installed_children == (children[0],)
+    assert observed.daemon_id  # which charon process answers
+    scoped = backend.observe([peering.conn_name])
+    assert set(scoped.conns) == {peering.conn_name} and scoped.shared_secrets == frozenset()
+
+
+def test_unloading_ends_the_sas_and_a_missing_one_is_not_an_error(charon, backend):
+    peering = peering_of(row("gnv", "geneve", **PSK))
+    backend.apply(LoadConn(peering))
+    charon.establish(peering.conn_name, "7", {})
+    backend.apply(TerminateChild(peering.conn_name, "nothing-up"))  # "no matching SAs": fine
+    backend.apply(UnloadConn(peering.conn_name))
+    backend.apply(UnloadSecret(peering.conn_name))
+    assert charon.conns == {} and charon.sas == {}
+    assert charon.requests[-3:] == ["unload-conn", "terminate", "unload-shared"]
+
+
+def test_a_refusal_fails_one_action_and_a_silent_charon_is_a_transport_error(charon, backend):
+    peering = peering_of(row("gnv", "geneve", **PSK))
+    charon.refuse["load-conn"] = "invalid proposal"
+    with pytest.raises(BackendError) as refused:
+        backend.apply(LoadConn(peering))
+    assert not refused.value.transport and "charon refused load-conn" in str(refused.value)
+    charon.hang.add("initiate")
+    with pytest.raises(BackendError) as silent:
+        backend.apply(Initiate(peering.conn_name, peering.children[0][0]))
+    assert silent.value.transport  # the worker then stops the batch and retries in full later
+    del charon.refuse["load-conn"]
+    backend.apply(LoadConn(peering))  # a new session after the broken one
+    assert peering.conn_name in charon.conns
+
+
+def test_private_keys_are_loaded_once_and_unloaded_when_no_peering_needs_them(charon, backend):
+    import dataclasses
+
+    peering = peering_of(row("gnv", "geneve", **PSK))
+    keyed = dataclasses.replace(peering, tunnels=tuple(dataclasses.replace(t, local_key_pem=b"-----KEY-----")
+                                                       for t in peering.tunnels))
+    backend.apply(LoadConn(keyed))
+    backend.apply(LoadConn(keyed))
+    assert charon.requests.count("load-key") == 1 and len(charon.keys) == 1
+    backend.cleanup_credentials([keyed])
+    assert len(charon.keys) == 1
+    backend.cleanup_credentials([])
+    assert charon.keys == {}
