@@ -4,13 +4,17 @@
     .venv/bin/python bench/profile.py --n 5000 --phase bulk --out /tmp/prof     # py-spy of the bulk load
     .venv/bin/python bench/profile.py --n 1000 --phase trace --out /tmp/prof      # strace of one +1
     .venv/bin/python bench/profile.py --n 5000 --phase memory --out /tmp/prof     # tracemalloc after +1/-1
+    .venv/bin/python bench/profile.py --n 5000 --phase rss --out /tmp/prof        # RSS along the way
 
 The same host, charon settings and OVSDB transactions as `run.py`'s load cell. py-spy samples the
 running monitor from outside (`--idle` threads left out), so what it shows is where the wall time
 of the change goes, per thread. The trace phase records one +1 with strace (every thread, with
 timestamps): when the OVSDB update arrived, when each VICI request left and its answer came. The
 memory phase runs the monitor under bench/memwrap.py (tracemalloc) and has it write where its live
-memory was allocated once the load and a few changes are done.
+memory was allocated once the load and a few changes are done. The rss phase runs the monitor as
+it is (no tracemalloc, whose own tables would double the figures) and samples its VmRSS every
+10 ms through the bulk load, the status write-back, a full resync and a few changes, so the step
+that makes the peak (VmHWM) shows.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +44,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--changes", type=int, default=20, help="+1/-1 pairs to sample")
-    parser.add_argument("--phase", choices=("changes", "bulk", "trace", "memory"), default="changes")
+    parser.add_argument("--phase", choices=("changes", "bulk", "trace", "memory", "rss"), default="changes")
     parser.add_argument("--rate", type=int, default=2000, help="py-spy samples per second")
     parser.add_argument("--ours-flags", default="")
     parser.add_argument("--out", default="/tmp/ovs-ipsec-prof")
@@ -63,13 +68,25 @@ def main() -> int:
         spd = SpdCounter(host.name)
         tunnels = [(f"gnv{i}", LOAD_LOCAL, remote_ip(i, LOAD_REMOTES)) for i in range(1, args.n + 1)]
         spy = None
+        sampler = _RssSampler(pid) if args.phase == "rss" else None
+        if sampler is not None:
+            time.sleep(0.5)
+            sampler.mark("started")
         if args.phase == "bulk":
             spy = _spy(pid, out / f"bulk-{args.n}", args.rate)
         _, t0 = ovsdb.add_tunnels(tunnels)
         res = watch(None, lambda: spd.out() >= 2 * args.n, limit=300, quiet=0, interval=0.01, start=t0)
         log(f"N={args.n} loaded in {res.reached_at - t0:.2f} s")
         time.sleep(1.0)
-        if args.phase in ("changes", "memory"):
+        if sampler is not None:
+            sampler.mark("committed", t0)
+            sampler.mark("loaded in charon", res.reached_at)
+            time.sleep(4.0)  # the status write-back of N rows and its echo from ovsdb-server
+            sampler.mark("settled")
+            host.appctl("refresh", timeout=120)
+            time.sleep(1.0)
+            sampler.mark("after a full resync")
+        if args.phase in ("changes", "memory", "rss"):
             if args.phase == "changes":
                 spy = _spy(pid, out / f"changes-{args.n}", args.rate)
                 time.sleep(1.0)
@@ -83,6 +100,9 @@ def main() -> int:
                 _, t = ovsdb.delete_port(ovsdb.port_uuid(f"gnv{k + 1}"))
                 watch(None, lambda: spd.out() <= before - 2, limit=10, quiet=0, interval=0.001, start=t)
                 time.sleep(0.15)
+        if sampler is not None:
+            sampler.mark(f"after {args.changes} +1/-1")
+            sampler.report(out / f"rss-{args.n}.txt")
         if args.phase == "memory":
             os.kill(pid, signal.SIGUSR2)
             deadline = time.time() + 120
@@ -113,6 +133,45 @@ def main() -> int:
         spd.close()
         ovsdb.close()
     return 0
+
+
+class _RssSampler:
+    """The monitor's VmRSS every 10 ms in a thread, with named moments to read it against."""
+
+    def __init__(self, pid: int) -> None:
+        self._status = Path(f"/proc/{pid}/status")
+        self.samples: list[tuple[float, int]] = []
+        self.marks: list[tuple[float, str]] = []
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                text = self._status.read_text()
+            except OSError:
+                return
+            kb = next(int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS"))
+            self.samples.append((time.time(), kb))
+            time.sleep(0.01)
+
+    def mark(self, what: str, at: float | None = None) -> None:
+        self.marks.append((time.time() if at is None else at, what))
+
+    def report(self, path: Path) -> None:
+        """Per interval between marks: the RSS at its start and end and its maximum (MB)."""
+        marks = sorted(self.marks)
+        lines = []
+        for (start, what), (end, _) in zip(marks, marks[1:] + [(time.time(), "")], strict=True):
+            inside = [kb for t, kb in self.samples if start <= t <= end] or [0]
+            lines.append(f"{what:>24} .. {end - start:7.2f} s: {inside[0] / 1024:6.1f} -> {inside[-1] / 1024:6.1f} MB, "
+                         f"max {max(inside) / 1024:6.1f} MB")
+        peak_t, peak = max(self.samples, key=lambda sample: sample[1])
+        after = [what for t, what in marks if t <= peak_t]
+        lines.append(f"peak {peak / 1024:.1f} MB, {peak_t - marks[0][0]:.2f} s after start, after: "
+                     f"{after[-1] if after else 'start'}")
+        path.write_text("\n".join(lines) + "\n")
+        for line in lines:
+            log(line)
 
 
 def _start_traced(host, dump: Path, extra: list[str]) -> None:
