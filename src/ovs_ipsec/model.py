@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 from collections.abc import Hashable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ class TunnelState(enum.StrEnum):
     ERROR = "error"  # the IKE daemon refused an action; retried with backoff
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class InterfaceRow:
     """One OVSDB Interface row, copied out of the IDL as plain values."""
 
@@ -111,7 +110,7 @@ class DesiredState:
     changes: ChangeLog = ChangeLog()  # which keys of `interfaces` changed, version by version
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class Selector:
     """One direction-pair of traffic a tunnel puts on the wire: protocol and ports."""
 
@@ -120,7 +119,7 @@ class Selector:
     remote_port: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class IkeOptions:
     """A tunnel's `ipsec_*` options, parsed (validate/options.py); None: not set, the backend's
     default applies. Durations are seconds and proposals tuples of validated tokens: renderers
@@ -168,7 +167,7 @@ DURATION_OPTIONS = frozenset({"dpd_delay", "dpd_timeout", "ike_lifetime", "sa_li
                               "retransmit_timeout"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class Tunnel:
     """A validated IPsec tunnel: every field is safe to hand to an IKE daemon."""
 
@@ -190,7 +189,7 @@ class Tunnel:
     ofport: int | None = None
     cfm_fault: bool | None = None
 
-    @functools.cached_property  # works on a frozen dataclass: it writes __dict__ directly
+    @property  # not cached: two small objects made on demand cost less than a __dict__ per tunnel
     def selectors(self) -> tuple[Selector, ...]:
         """The traffic this tunnel must encrypt, both directions.
 
@@ -206,7 +205,7 @@ class Tunnel:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class Invalid:
     """A tunnel that was rejected, with the reason an operator needs to fix it."""
 
@@ -241,7 +240,7 @@ class ValidatedState:
     kept: Mapping[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class ObservedSA:
     """An IKE SA as the IKE daemon reports it."""
 

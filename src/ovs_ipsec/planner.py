@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .model import AuthMethod, Invalid, ObservedState, Tunnel
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class Peering:
     """One IKE connection and the tunnels that share it."""
 

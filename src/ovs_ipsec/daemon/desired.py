@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
+from ..index import add_member, discard_member
 from ..inforce import keep_last_good
 from ..model import DesiredState, GlobalConfig, GuardConfig, InterfaceRow, Invalid, Tunnel, ValidatedState
 from ..pki.inspect import CertificateInspector
@@ -48,7 +49,8 @@ class DesiredPeerings:
         # Per row (by key): the last verdict of each IPsec row, and what every row adds to the
         # inputs that are sums over all rows (the guard's traffic, the peer certificates in use).
         self._verdicts: dict[Hashable, tuple[InterfaceRow, Tunnel | Invalid]] = {}
-        self._keys_of: dict[str, set[Hashable]] = {}  # tunnel name -> keys of its IPsec rows
+        # The indexes below map to tuples, not sets: see index.py.
+        self._keys_of: dict[str, tuple[Hashable, ...]] = {}  # tunnel name -> keys of its IPsec rows
         self._traffic_of: dict[Hashable, tuple[str, int | None]] = {}
         self._traffic: Counter[tuple[str, int | None]] = Counter()
         self._peer_cert_of: dict[Hashable, str] = {}
@@ -59,9 +61,10 @@ class DesiredPeerings:
         self._in_force: dict[str, Tunnel] = {}
         self._kept: dict[str, float] = {}
         self._invalid: dict[str, tuple[Invalid, ...]] = {}
-        self._endpoints_of: dict[str, set[Endpoints]] = {}  # pairs of its valid verdicts and of its tunnel in force
-        self._touching: dict[Endpoints, set[str]] = {}  # the reverse
-        self._conns_at: dict[Endpoints, set[str]] = {}  # the peerings of each pair
+        # name -> the pairs of its valid verdicts and of its tunnel in force
+        self._endpoints_of: dict[str, tuple[Endpoints, ...]] = {}
+        self._touching: dict[Endpoints, tuple[str, ...]] = {}  # the reverse
+        self._conns_at: dict[Endpoints, tuple[str, ...]] = {}  # the peerings of each pair
         # Invalid names whose tunnel in force changed in the last update: the next update settles them
         # again, because what is kept for an invalid tunnel is what was in force in the update before.
         self._recheck: set[str] = set()
@@ -138,16 +141,14 @@ class DesiredPeerings:
                     self._verdicts[key] = old  # the same row in the same context: the same verdict
                     continue
                 names.add(old[0].name)
-                self._keys_of[old[0].name].discard(key)
-                if not self._keys_of[old[0].name]:
-                    del self._keys_of[old[0].name]
+                discard_member(self._keys_of, old[0].name, key)
             if row is None:
                 continue
             options = dict(row.options)
             if not is_ipsec_interface(options):
                 continue
             self._verdicts[key] = (row, validate_row(row, options, config, local, global_problem, facts, now))
-            self._keys_of.setdefault(row.name, set()).add(key)
+            add_member(self._keys_of, row.name, key)
             names.add(row.name)
         return names
 
@@ -172,9 +173,7 @@ class DesiredPeerings:
             self._invalid.pop(name, None)
             self.peering_of.pop(name, None)
             for pair in self._endpoints_of.pop(name, ()):
-                self._touching[pair].discard(name)
-                if not self._touching[pair]:
-                    del self._touching[pair]
+                discard_member(self._touching, pair, name)
         old_conns = set().union(*(self._conns_at.pop(pair, ()) for pair in pairs))
         old_peerings = {conn: self.peerings.pop(conn) for conn in old_conns}
         # ... in with the new one.
@@ -188,7 +187,7 @@ class DesiredPeerings:
             self._invalid[entry.name] = self._invalid.get(entry.name, ()) + (entry,)
         for conn, peering in peerings.items():
             self.peerings[conn] = peering
-            self._conns_at.setdefault(_endpoints(peering.tunnels[0]), set()).add(conn)
+            add_member(self._conns_at, _endpoints(peering.tunnels[0]), conn)
             for tunnel in peering.tunnels:
                 self.peering_of[tunnel.name] = peering
         for name in subset:
@@ -197,9 +196,9 @@ class DesiredPeerings:
             if name in self._in_force:
                 pairs_of.add(_endpoints(self._in_force[name]))
             if pairs_of:
-                self._endpoints_of[name] = pairs_of
+                self._endpoints_of[name] = tuple(pairs_of)
                 for pair in pairs_of:
-                    self._touching.setdefault(pair, set()).add(name)
+                    add_member(self._touching, pair, name)
         # What keep_last_good keeps for an invalid tunnel is what was in force before; for a tunnel
         # that stays valid it does not matter. (An unchanged name outside the next subset keeps its
         # verdicts, so only the invalid ones can be affected.)
@@ -235,7 +234,7 @@ class DesiredPeerings:
                             if isinstance(verdict := self._verdicts[key][1], Tunnel))
             for pair in pairs_of - pairs:
                 pairs.add(pair)
-                pending |= self._touching.get(pair, set()) - subset
+                pending.update(other for other in self._touching.get(pair, ()) if other not in subset)
         return subset, pairs
 
     # -- sums over all rows ----------------------------------------------------------------------

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import ovs.db.idl
 import ovs.poller
 
+from ..index import add_member, discard_member
 from ..model import ChangeLog
 from ..status.snapshot import StatusSnapshot, TunnelStatus
 
@@ -111,7 +112,7 @@ class InterfaceStatusWriter:
         self._wanted: dict[str, dict[str, str]] = {}  # what the last look asked for, per tunnel
         self._seen_changes: ChangeLog | None = None  # the ChangeLog of the snapshot `_wanted` is from
         self._names: dict = {}  # Interface uuid -> name, kept for the rows the IDL reported touched
-        self._uuids_of: dict[str, set] = {}  # the reverse: name -> uuids
+        self._uuids_of: dict[str, tuple] = {}  # the reverse: name -> uuids (see index.py)
         self._last_full_resync: float | None = None
         self._full_scan = True  # look at every row: first run, after a failed write, on a resync
         self.writes = 0  # transactions committed, for tests and debugging
@@ -171,21 +172,19 @@ class InterfaceStatusWriter:
             self._names = {uuid: row.name for uuid, row in rows.items()}
             self._uuids_of = {}
             for uuid, name in self._names.items():
-                self._uuids_of.setdefault(name, set()).add(uuid)
+                add_member(self._uuids_of, name, uuid)
             return list(self._rows())
         for uuid in touched:
             row = rows.get(uuid)
             old = self._names.pop(uuid, None)
             if old is not None:
-                self._uuids_of[old].discard(uuid)
-                if not self._uuids_of[old]:
-                    del self._uuids_of[old]
+                discard_member(self._uuids_of, old, uuid)
             if row is not None:
                 self._names[uuid] = row.name
-                self._uuids_of.setdefault(row.name, set()).add(uuid)
+                add_member(self._uuids_of, row.name, uuid)
         uuids = set(touched)
         for name in changed:
-            uuids |= self._uuids_of.get(name, set())
+            uuids.update(self._uuids_of.get(name, ()))
         return [(uuid, rows[uuid].name, rows[uuid].external_ids) for uuid in uuids if uuid in rows]
 
     def wait(self, poller: ovs.poller.Poller) -> None:

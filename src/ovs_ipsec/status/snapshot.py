@@ -16,7 +16,7 @@ from ..planner import Peering
 from ..validate import CertificateFacts
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class TunnelStatus:
     name: str
     type: str
