@@ -150,8 +150,10 @@ class _RssSampler:
                 text = self._status.read_text()
             except OSError:
                 return
-            kb = next(int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS"))
-            self.samples.append((time.time(), kb))
+            kb = [int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS")]
+            if not kb:
+                return  # exiting: no memory left to read
+            self.samples.append((time.time(), kb[0]))
             time.sleep(0.01)
 
     def mark(self, what: str, at: float | None = None) -> None:
