@@ -40,6 +40,12 @@ from ..status.snapshot import StatusSnapshot, TunnelStatus
 
 log = logging.getLogger("ovs_ipsec.writer")
 
+# Rows per transaction. A bulk change writes thousands of rows: in one transaction the request
+# and ovsdb-server's echo of every row are each built whole in memory (at N=10,000 the write-back
+# raised the peak RSS by 26 MB, 13 MB of it transient); in chunks the same memory serves chunk
+# after chunk (+6 MB), for 0.2 s more until the last row is written.
+WRITE_CHUNK = 1000
+
 STATE_KEY, REASON_KEY, SINCE_KEY = "ipsec_state", "ipsec_reason", "ipsec_since"
 LAST_GOOD_KEY = "ipsec_last_good_since"  # while invalid: since when the last good configuration is kept
 OWNED_KEYS = (STATE_KEY, REASON_KEY, SINCE_KEY, LAST_GOOD_KEY)
@@ -105,8 +111,9 @@ class InterfaceStatusWriter:
     in flight: a newer status simply waits for the current write to finish, then is compared again.
     """
 
-    def __init__(self, idl: ovs.db.idl.Idl) -> None:
+    def __init__(self, idl: ovs.db.idl.Idl, chunk: int = WRITE_CHUNK) -> None:
         self._idl = idl
+        self._chunk = chunk
         self._txn: ovs.db.idl.Transaction | None = None
         self._looked_at: tuple[StatusSnapshot, int] | None = None
         self._wanted: dict[str, dict[str, str]] = {}  # what the last look asked for, per tunnel
@@ -115,11 +122,19 @@ class InterfaceStatusWriter:
         self._uuids_of: dict[str, tuple] = {}  # the reverse: name -> uuids (see index.py)
         self._last_full_resync: float | None = None
         self._full_scan = True  # look at every row: first run, after a failed write, on a resync
+        self._backlog: tuple[RowWrite, ...] = ()  # planned for `_backlog_of`, beyond the first chunk
+        self._backlog_of: StatusSnapshot | None = None
         self.writes = 0  # transactions committed, for tests and debugging
 
     def run(self, snapshot: StatusSnapshot) -> None:
         if self._txn is not None and not self._finish_commit():
             return
+        if self._backlog:
+            if snapshot is self._backlog_of:
+                self._write(self._backlog, snapshot)
+                return
+            # A newer status: compare every row with it instead of writing what is left.
+            self._backlog, self._full_scan = (), True
         if snapshot.taken_at is None or not self._idl.has_ever_connected():
             # Before the first status, an empty one would erase what the previous run wrote and
             # that is still true (connections survive `exit --no-cleanup`).
@@ -134,8 +149,13 @@ class InterfaceStatusWriter:
         changed = self._update_wanted(snapshot)
         writes = plan_writes(self._wanted, self._rows_to_check(changed))
         if writes:
-            self._txn = self._start(writes)
-            self._finish_commit()
+            self._write(writes, snapshot)
+
+    def _write(self, writes: tuple[RowWrite, ...], snapshot: StatusSnapshot) -> None:
+        """Start a transaction with the first `chunk` rows; keep the rest for the next runs."""
+        self._backlog, self._backlog_of = writes[self._chunk:], snapshot
+        self._txn = self._start(writes[:self._chunk])
+        self._finish_commit()
 
     def _update_wanted(self, snapshot: StatusSnapshot) -> set[str] | None:
         """Bring `_wanted` to this snapshot, looking only at the tunnels whose status changed
@@ -239,6 +259,7 @@ class InterfaceStatusWriter:
             log.debug("status write ended with %s; will compare again", status)
             self._looked_at = None
             self._full_scan = True
+            self._backlog = ()
         self._txn = None
         return True
 

@@ -108,3 +108,53 @@ def test_only_changed_statuses_are_written_and_the_result_is_a_full_write_back(t
     finally:
         reader.close()
         db.stop()
+
+
+def test_a_bulk_write_back_goes_in_chunks_and_a_newer_status_replaces_what_is_left(tmp_path):
+    import json
+    import time
+
+    from testsupport.ovsdb import Ovsdb
+    from ovs_ipsec.model import ChangeLog, GlobalConfig
+    from ovs_ipsec.ovsdb.reader import OvsdbReader
+    from ovs_ipsec.ovsdb.writer import InterfaceStatusWriter
+    from ovs_ipsec.status.snapshot import StatusSnapshot
+
+    names = [f"t{i}" for i in range(5)]
+    db = Ovsdb(tmp_path)
+    db.start()
+    reader = OvsdbReader(db.remote)
+    try:
+        for name in names:
+            db.vsctl("add-port", "br-ipsec", name, "--", "set", "interface", name, "type=geneve",
+                     "options:remote_ip=10.0.0.2", "options:psk=x")
+
+        def ours():
+            table = json.loads(db.vsctl("--format=json", "--columns=name,external_ids", "list", "interface"))
+            return {row[0]: {k: v for k, v in row[1][1] if k in OWNED_KEYS} for row in table["data"]
+                    if row[0] in names}
+
+        writer = InterfaceStatusWriter(reader.idl, chunk=2)
+        log = ChangeLog.start()
+        statuses = {n: status(n, TunnelState.LOADED, since=1000.0) for n in names}
+        log = log.advance(statuses.keys())
+        first = StatusSnapshot(statuses, GlobalConfig(), None, 1000.0, changes=log)
+        _pump(reader, writer, first, lambda: writer.writes == 3)  # 2 + 2 + 1 rows
+        assert ours() == {n: status_keys(statuses[n]) for n in names}
+
+        # A newer status while a chunked write is under way: what was left is not written, the
+        # newer status is, for every row.
+        statuses = {n: status(n, TunnelState.NEGOTIATING, since=1010.0) for n in names}
+        log = log.advance(statuses.keys())
+        second = StatusSnapshot(statuses, GlobalConfig(), None, 1010.0, changes=log)
+        while writer.writes == 3:
+            reader.run()
+            writer.run(second)
+            time.sleep(0.01)
+        statuses = {n: status(n, TunnelState.ERROR, "refused", since=1020.0) for n in names}
+        log = log.advance(statuses.keys())
+        third = StatusSnapshot(statuses, GlobalConfig(), None, 1020.0, changes=log)
+        _pump(reader, writer, third, lambda: ours() == {n: status_keys(statuses[n]) for n in names})
+    finally:
+        reader.close()
+        db.stop()
