@@ -183,10 +183,12 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
         conns = [name for name in scope if name in observed.conns]
         secrets = [name for name in scope if name in observed.shared_secrets]
 
-    removals: list[Action] = [UnloadConn(conn) for conn in sorted(conns)
-                              if conn not in desired and conn not in memory.protected]
-    removals += [UnloadSecret(secret) for secret in sorted(secrets)
-                 if secret not in wanted_secrets and secret not in memory.protected]
+    # Secrets first: whoever sees one of our connections gone sees its secret gone too (the other
+    # order left a secret without its connection between two requests, which a watcher could see).
+    removals: list[Action] = [UnloadSecret(secret) for secret in sorted(secrets)
+                              if secret not in wanted_secrets and secret not in memory.protected]
+    removals += [UnloadConn(conn) for conn in sorted(conns)
+                 if conn not in desired and conn not in memory.protected]
 
     additions: list[Action] = []
     initiations: list[Action] = []
