@@ -9,13 +9,21 @@ DEFAULT_PORTS = {"geneve": 6081, "vxlan": 4789}
 TUNNELS = ("gre", "geneve", "vxlan")
 # psk: options:psk; cert: self-signed certificates (options:remote_cert); ca: CA-signed
 # certificates (other_config:ca_cert + options:remote_name). How: guest/auth.py.
-AUTHS = ("psk", "cert", "ca")
-# What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
-EXPECTS = ("encrypted", "guarded", "last-good")
-BACKENDS = ("strongswan", "libreswan")
+AUTHS = ("psk", "cert", "ca", "manual")  # manual: ESP keys set by hand (control = "userspace-esp")
+# What a scenario must show to pass; the rules are in runner.EXPECTATIONS (netns hosts) and
+# systemd_lab.EXPECTATIONS (systemd hosts).
+EXPECTS = ("encrypted", "guarded", "last-good", "interop", "throughput", "lifecycle", "upgrade", "reboot")
+# Where the two hosts run: netns (network namespaces of the VM, daemons started by the runner) or
+# systemd (systemd-nspawn machines booting Debian's systemd, our .deb installed with apt; see
+# guest/systemd_lab.py). systemd hosts need the host image (labhost/hostimage.py), booted apart.
+HOSTS = ("netns", "systemd")
+SYSTEMD_EXPECTS = ("lifecycle", "upgrade", "reboot")
+BACKENDS = ("strongswan", "libreswan", "none")
 # Who creates the tunnel: the operator with ovs-vsctl on each host, or OVN (guest/ovn.py: each
 # host an OVN chassis, ovn-controller makes the tunnel after `ovn-nbctl set nb_global . ipsec=true`).
-CONTROLS = ("ovs-vsctl", "ovn")
+# userspace-esp (guest/userspace.py): h1 a netdev hypervisor with our userspace ESP bump, h2 a
+# kernel-datapath one with manual kernel XFRM SAs holding the same keys.
+CONTROLS = ("ovs-vsctl", "ovn", "userspace-esp")
 UNDERLAYS = {
     # family: (host 1 address, host 2 address, prefix length)
     "ipv4": ("10.0.0.1", "10.0.0.2", 24),
@@ -35,11 +43,16 @@ class Scenario:
     options: dict = field(default_factory=dict)
     expect: str = "encrypted"
     control: str = "ovs-vsctl"
+    host: str = "netns"
+    # Not in the default run (make check); `lab/run.sh --extended` or `make lab-extended` adds it.
+    extended: bool = False
+    # other_config:ipsec_skb_mark on both hosts (systemd scenarios; "" = unset).
+    skb_mark: str = ""
 
     def __post_init__(self):
         for value, allowed in ((self.tunnel, TUNNELS), (self.auth, AUTHS),
                                (self.backend, BACKENDS), (self.underlay, tuple(UNDERLAYS)),
-                               (self.expect, EXPECTS), (self.control, CONTROLS)):
+                               (self.expect, EXPECTS), (self.control, CONTROLS), (self.host, HOSTS)):
             if value not in allowed:
                 raise ValueError(f"scenario {self.name}: {value!r} is not one of {', '.join(allowed)}")
         # OVN encapsulates in Geneve or VXLAN, names peers by chassis (CA-signed certificates) and
@@ -48,6 +61,23 @@ class Scenario:
                                       or self.expect != "encrypted"):
             raise ValueError(f"scenario {self.name}: OVN needs tunnel geneve or vxlan, auth ca, "
                              "no options and expect encrypted")
+        # Userspace ESP (guest/userspace.py): manual keys without an IKE daemon, or (interop only)
+        # psk with strongSwan negotiating; and those values belong to it alone.
+        manual = self.auth == "manual" and self.backend == "none"
+        ike = self.auth == "psk" and self.backend == "strongswan" and self.expect == "interop"
+        if self.control == "userspace-esp" and (not (manual or ike) or self.options or self.underlay != "ipv4"
+                                                or self.expect not in ("interop", "throughput")):
+            raise ValueError(f"scenario {self.name}: userspace-esp needs auth manual and backend none, or auth "
+                             "psk and backend strongswan (interop), expect interop or throughput, no options and "
+                             "the ipv4 underlay")
+        if self.control != "userspace-esp" and (self.auth == "manual" or self.backend == "none"
+                                                or self.expect in ("interop", "throughput")):
+            raise ValueError(f"scenario {self.name}: auth manual, backend none and expect interop or "
+                             "throughput are for control userspace-esp")
+        if (self.host == "systemd") != (self.expect in SYSTEMD_EXPECTS) or \
+                (self.host == "systemd" and (self.backend != "strongswan" or self.control != "ovs-vsctl")):
+            raise ValueError(f"scenario {self.name}: expect {', '.join(SYSTEMD_EXPECTS)} is for host = "
+                             "\"systemd\" (strongswan, ovs-vsctl), and systemd hosts need one of them")
 
     @property
     def port(self):
@@ -66,7 +96,8 @@ class Scenario:
     def summary(self) -> dict:
         return {"name": self.name, "tunnel": self.tunnel, "auth": self.auth, "backend": self.backend,
                 "underlay": self.underlay, "options": dict(self.options), "expect": self.expect,
-                "control": self.control}
+                "control": self.control, "host": self.host, "extended": self.extended,
+                "skb_mark": self.skb_mark}
 
 
 def load(path: Path) -> list:

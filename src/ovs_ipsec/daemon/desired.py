@@ -25,7 +25,7 @@ from ..pki.inspect import CertificateInspector
 from ..planner import Naming, Peering, group_peerings
 from ..validate import CertificateFacts, is_ipsec_interface
 from ..validate.certificates import global_certificate_paths, local_identity, remote_cert_path
-from ..validate.guard import guard_for, traffic_of_row
+from ..validate.guard import guard_for, traffic_of_row, uncovered_of_row
 from ..validate.tunnels import settle_claims, validate_row
 
 Summand = TypeVar("Summand")  # what one row adds to a sum over all rows
@@ -55,6 +55,8 @@ class DesiredPeerings:
         self._traffic: Counter[tuple[str, int | None]] = Counter()
         self._peer_cert_of: dict[Hashable, str] = {}
         self._peer_certs: Counter[str] = Counter()
+        self._uncovered_of: dict[Hashable, str] = {}  # IPsec rows on the userspace datapath
+        self._uncovered: Counter[str] = Counter()
         self._guard: GuardConfig | None = None
         self._guard_from: GlobalConfig | None = None
         # Per name, the outcome of the whole-state rules as last settled:
@@ -122,11 +124,13 @@ class DesiredPeerings:
                 if before.get(key) is not after.get(key) and before.get(key) != after.get(key)}
 
     def _index(self, rows: Mapping[Hashable, InterfaceRow], keys: Iterable[Hashable]) -> None:
-        """Keep the sums over all rows (guard traffic, peer certificates) in step with `keys`."""
+        """Keep the sums over all rows (guard traffic and what it cannot cover, peer certificates)
+        in step with `keys`."""
         for key in keys:
             row = rows.get(key)
             _recount(self._traffic_of, self._traffic, key, traffic_of_row(row) if row is not None else None)
             _recount(self._peer_cert_of, self._peer_certs, key, remote_cert_path(row) if row is not None else None)
+            _recount(self._uncovered_of, self._uncovered, key, uncovered_of_row(row) if row is not None else None)
 
     def _judge(self, rows: Mapping[Hashable, InterfaceRow], keys: Iterable[Hashable], again: bool,
                config: GlobalConfig, local, global_problem: str | None, facts: CertificateFacts,
@@ -242,10 +246,12 @@ class DesiredPeerings:
     def _guard_config(self, config: GlobalConfig) -> GuardConfig:
         """The same object while nothing it is made of changed, so comparing it stays cheap."""
         traffic = self._traffic.keys()
-        if self._guard is not None and self._guard.traffic == traffic and self._guard_from == config:
+        uncovered = tuple(sorted(self._uncovered.elements()))  # one name per row, as validate/guard.py has it
+        if self._guard is not None and self._guard.traffic == traffic and self._guard.uncovered == uncovered \
+                and self._guard_from == config:
             return self._guard
         self._guard_from = config
-        return guard_for(config, frozenset(traffic))
+        return guard_for(config, frozenset(traffic), uncovered)
 
     def _certificate_facts(self, config: GlobalConfig) -> CertificateFacts:
         certs, keys, chains = global_certificate_paths(config)

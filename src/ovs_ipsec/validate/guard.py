@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from ..model import DEFAULT_PORTS, GlobalConfig, GuardConfig, InterfaceRow, SkbMark, TunnelType, wire_traffic
 from ..text import shown
 from . import fields
+from .certificates import is_ipsec_interface
 from .fields import Reject
 
 _MARK_NUMBER = re.compile(r"0[xX][0-9a-fA-F]{1,8}|[0-9]{1,10}")
@@ -15,17 +16,28 @@ _USAGE = "expected value/mask such as 0/1 or 1/1, each a 32-bit number in decima
 
 
 def guard_config(config: GlobalConfig, rows: Iterable[InterfaceRow]) -> GuardConfig:
-    return guard_for(config, frozenset(t for t in map(traffic_of_row, rows) if t is not None))
+    rows = tuple(rows)
+    traffic = frozenset(t for t in map(traffic_of_row, rows) if t is not None)
+    uncovered = tuple(sorted(name for name in map(uncovered_of_row, rows) if name is not None))
+    return guard_for(config, traffic, uncovered)
 
 
-def guard_for(config: GlobalConfig, traffic: frozenset[tuple[str, int | None]]) -> GuardConfig:
-    """The guard's configuration from other_config and the traffic of every tunnel row."""
+def uncovered_of_row(row: InterfaceRow) -> str | None:
+    """The name of an IPsec tunnel row on the userspace datapath (its packets never meet an XFRM
+    policy, guard or not), as the operator wrote it: the status output escapes it (text.printable)."""
+    return row.name if row.userspace_datapath and is_ipsec_interface(dict(row.options)) else None
+
+
+def guard_for(config: GlobalConfig, traffic: frozenset[tuple[str, int | None]],
+              uncovered: tuple[str, ...] = ()) -> GuardConfig:
+    """The guard's configuration from other_config, the traffic of every tunnel row and the IPsec
+    tunnels it cannot cover."""
     if config.skb_mark is None:
-        return GuardConfig(traffic=traffic)
+        return GuardConfig(traffic=traffic, uncovered=uncovered)
     try:
-        return GuardConfig(config.skb_mark, parse_skb_mark(config.skb_mark), traffic=traffic)
+        return GuardConfig(config.skb_mark, parse_skb_mark(config.skb_mark), traffic=traffic, uncovered=uncovered)
     except ValueError as exc:
-        return GuardConfig(config.skb_mark, None, str(exc), traffic)
+        return GuardConfig(config.skb_mark, None, str(exc), traffic, uncovered)
 
 
 def parse_skb_mark(text: str) -> SkbMark:

@@ -33,15 +33,16 @@ def reference(desired: DesiredState, before: ValidatedState, now: float):
 
 
 # A small world, so that edits collide: few names, two endpoint pairs, two PSKs, one port that
-# two tunnel types share, rows that are invalid or not IPsec at all.
+# two tunnel types share, rows that are invalid or not IPsec at all, rows on the userspace datapath.
 ROWS = st.builds(
-    lambda kind, local, remote, auth, port: (kind, tuple(sorted(
-        {**({"local_ip": local} if local else {}), "remote_ip": remote, **auth, **port}.items()))),
+    lambda kind, local, remote, auth, port, datapath: (kind, tuple(sorted(
+        {**({"local_ip": local} if local else {}), "remote_ip": remote, **auth, **port}.items())), datapath),
     kind=st.sampled_from(["geneve", "vxlan", "gre"]),
     local=st.sampled_from(["10.0.0.1", None]),
     remote=st.sampled_from(["10.0.0.2", "10.0.0.3", "not-an-address"]),
     auth=st.sampled_from([{"psk": "x"}, {"psk": "y"}, {"psk": ""}, {}, {"remote_name": "peer"}]),
     port=st.sampled_from([{}, {"dst_port": "4789"}, {"dst_port": "6081"}]),
+    datapath=st.sampled_from([None, "", "system", "netdev"]),  # netdev: unprotected, not guarded
 )
 # (name, new row or None to delete it, whether the row is replaced by a new one, as ovn-controller
 # does, rather than updated in place)
@@ -69,7 +70,8 @@ def test_incremental_outcome_is_the_whole_state_outcome(edits, journal):
             del rows[key_of.pop(name)]
         if content is not None:
             key_of.setdefault(name, now)
-            rows[key_of[name]] = InterfaceRow(name, *content)
+            kind, options, datapath = content
+            rows[key_of[name]] = InterfaceRow(name, kind, options, datapath_type=datapath)
             changed_keys.add(key_of[name])
         changes = changes.advance(changed_keys)
         desired = DesiredState(GlobalConfig(), rows, changes if journal else ChangeLog())
