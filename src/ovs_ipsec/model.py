@@ -53,8 +53,9 @@ class InterfaceRow:
     options: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
     ofport: int | None = None
     cfm_fault: bool | None = None
-    # datapath_type of the Bridge whose Port holds this Interface ("" is the kernel's, as "system");
-    # None when no bridge holds it.
+    # datapath_type of the Bridge whose Port holds this Interface when that is the userspace datapath
+    # (USERSPACE_DATAPATH); None otherwise (the kernel's, or no bridge): the reader records only
+    # the one that changes anything, so a one-tunnel change does not walk every bridge's ports.
     datapath_type: str | None = None
 
     @property

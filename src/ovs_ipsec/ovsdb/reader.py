@@ -14,7 +14,7 @@ import ovs.db.idl
 import ovs.poller
 
 from ..errors import OvsIpsecError
-from ..model import ChangeLog, DesiredState, GlobalConfig, InterfaceRow
+from ..model import USERSPACE_DATAPATH, ChangeLog, DesiredState, GlobalConfig, InterfaceRow
 
 INTERFACE_COLUMNS = ["name", "type", "options", "ofport", "cfm_fault"]
 # Replicated for the status writer (ovsdb/writer.py), which must see what it would change. Changes
@@ -114,7 +114,7 @@ class OvsdbReader:
         self._idl = _TrackingIdl(remote, helper)
         self._rows: dict = {}  # Interface uuid -> InterfaceRow, as last handed out
         self._changes = ChangeLog.start()
-        self._datapaths: dict = {}  # Interface UUID -> its bridge's datapath_type
+        self._datapaths: dict = {}  # Interface UUID -> its bridge's datapath_type, netdev bridges only
         self._seen_seqno = -1
 
     def run(self) -> bool:
@@ -143,7 +143,12 @@ class OvsdbReader:
         changed, self._idl.changed_interfaces = self._idl.changed_interfaces, set()
         if self._idl.topology_changed:
             self._idl.topology_changed = False
-            datapaths = datapath_of_interfaces(self._idl.tables["Bridge"].rows.values())
+            # Only the userspace datapath changes what a tunnel is (model.USERSPACE_DATAPATH), and
+            # every one-tunnel add or delete changes a Bridge and a Port: walking the ports of every
+            # bridge would make each such change cost O(N). Only netdev bridges are walked.
+            netdev = [bridge for bridge in self._idl.tables["Bridge"].rows.values()
+                      if bridge.datapath_type == USERSPACE_DATAPATH]
+            datapaths = datapath_of_interfaces(netdev)
             changed |= {uuid for uuid in datapaths.keys() | self._datapaths.keys()
                         if datapaths.get(uuid) != self._datapaths.get(uuid)}
             self._datapaths = datapaths
