@@ -10,4 +10,8 @@ def row(name: str, type: str = "geneve", **options: str) -> InterfaceRow:
 
 
 def desired(*rows: InterfaceRow, **global_config: str) -> DesiredState:
-    return DesiredState(GlobalConfig(**global_config), tuple(rows))
+    """Rows keyed by name, as OVSDB keys them by UUID (a repeated name gets a key of its own)."""
+    keys = [row.name for row in rows]
+    return DesiredState(GlobalConfig(**global_config),
+                        {(key if keys.count(key) == 1 else f"{key}#{index}"): row for index, (key, row) in
+                         enumerate(zip(keys, rows, strict=True))})

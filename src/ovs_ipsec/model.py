@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -45,7 +44,7 @@ class TunnelState(enum.StrEnum):
     UNPROTECTED = "unprotected"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class InterfaceRow:
     """One OVSDB Interface row, copied out of the IDL as plain values."""
 
@@ -54,8 +53,9 @@ class InterfaceRow:
     options: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
     ofport: int | None = None
     cfm_fault: bool | None = None
-    # datapath_type of the Bridge whose Port holds this Interface ("" is the kernel's, as "system");
-    # None when no bridge holds it.
+    # datapath_type of the Bridge whose Port holds this Interface when that is the userspace datapath
+    # (USERSPACE_DATAPATH); None otherwise (the kernel's, or no bridge): the reader records only
+    # the one that changes anything, so a one-tunnel change does not walk every bridge's ports.
     datapath_type: str | None = None
 
     @property
@@ -76,15 +76,57 @@ class GlobalConfig:
     skb_mark: str | None = None
 
 
+CHANGE_LOG_DEPTH = 64  # versions a ChangeLog remembers; a consumer further behind compares everything
+
+
+@dataclass(frozen=True)
+class ChangeLog:
+    """Which keys each of the last few versions of a keyed snapshot changed.
+
+    A consumer that holds an older version of a snapshot (the worker skips versions when OVSDB
+    changes faster than it converges) learns what changed since then without comparing every key,
+    so a one-row change among thousands costs one row downstream. `source` tells producers apart:
+    versions of two different producers are unrelated.
+    """
+
+    source: object = None
+    version: int = 0
+    recent: tuple[frozenset, ...] = ()  # recent[-1]: the keys changed from version - 1 to version
+
+    @classmethod
+    def start(cls) -> ChangeLog:
+        return cls(source=object())
+
+    def advance(self, changed: AbstractSet) -> ChangeLog:
+        return ChangeLog(self.source, self.version + 1, (self.recent + (frozenset(changed),))[-CHANGE_LOG_DEPTH:])
+
+    def since(self, seen: ChangeLog | None) -> frozenset | None:
+        """The keys changed after `seen` (an earlier ChangeLog of this producer); None: unknown,
+        compare everything (another producer, or further behind than the log remembers)."""
+        if seen is None or self.source is None or seen.source is not self.source:
+            return None
+        behind = self.version - seen.version
+        if behind == 0:
+            return frozenset()
+        if behind < 0 or behind > len(self.recent):
+            return None
+        return frozenset().union(*self.recent[-behind:])
+
+
 @dataclass(frozen=True)
 class DesiredState:
-    """Everything the operator asked for, as read from OVSDB in one snapshot."""
+    """Everything the operator asked for, as read from OVSDB in one snapshot.
+
+    `interfaces` is keyed by row identity (the OVSDB row's UUID) and is never modified once handed
+    out: the reader copies it (a C-level dict copy) and updates only the rows that changed.
+    """
 
     global_config: GlobalConfig
-    interfaces: tuple[InterfaceRow, ...]
+    interfaces: Mapping[Hashable, InterfaceRow]
+    changes: ChangeLog = ChangeLog()  # which keys of `interfaces` changed, version by version
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class Selector:
     """One direction-pair of traffic a tunnel puts on the wire: protocol and ports."""
 
@@ -93,7 +135,7 @@ class Selector:
     remote_port: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class IkeOptions:
     """A tunnel's `ipsec_*` options, parsed (validate/options.py); None: not set, the backend's
     default applies. Durations are seconds and proposals tuples of validated tokens: renderers
@@ -141,7 +183,7 @@ DURATION_OPTIONS = frozenset({"dpd_delay", "dpd_timeout", "ike_lifetime", "sa_li
                               "retransmit_timeout"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class Tunnel:
     """A validated IPsec tunnel: every field is safe to hand to an IKE daemon."""
 
@@ -163,7 +205,7 @@ class Tunnel:
     ofport: int | None = None
     cfm_fault: bool | None = None
 
-    @functools.cached_property  # works on a frozen dataclass: it writes __dict__ directly
+    @property  # not cached: two small objects made on demand cost less than a __dict__ per tunnel
     def selectors(self) -> tuple[Selector, ...]:
         """The traffic this tunnel must encrypt, both directions.
 
@@ -179,7 +221,7 @@ class Tunnel:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class Invalid:
     """A tunnel that was rejected, with the reason an operator needs to fix it."""
 
@@ -217,7 +259,7 @@ class ValidatedState:
     kept: Mapping[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class ObservedSA:
     """An IKE SA as the IKE daemon reports it."""
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .model import AuthMethod, Invalid, ObservedState, Tunnel
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class Peering:
     """One IKE connection and the tunnels that share it."""
 
@@ -105,12 +105,15 @@ class Memory:
     protected: AbstractSet[str] = frozenset()
 
 
-def protected_conns(observed: ObservedState, tunnels: AbstractSet[str], naming: Naming) -> frozenset[str]:
-    """The observed connections with a child made for one of `tunnels` (see Memory.protected)."""
+def protected_conns(observed: ObservedState, tunnels: AbstractSet[str], naming: Naming,
+                    scope: Collection[str] | None = None) -> frozenset[str]:
+    """The observed connections (in `scope`, None: all) with a child made for one of `tunnels`
+    (see Memory.protected)."""
     if not tunnels:
         return frozenset()
-    return frozenset(conn for conn, children in observed.conns.items()
-                     if any(naming.child_owner(child) in tunnels for child in children))
+    conns = observed.conns.keys() if scope is None else [conn for conn in scope if conn in observed.conns]
+    return frozenset(conn for conn in conns if any(naming.child_owner(child) in tunnels
+                                                  for child in observed.conns[conn]))
 
 
 def is_initiator(tunnel: Tunnel) -> bool:
@@ -163,17 +166,29 @@ def group_peerings(tunnels: Collection[Tunnel], naming: Naming) -> tuple[dict[st
 
 
 def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory, now: float,
-         scope: Collection[str] | None = None) -> tuple[Action, ...]:
+         scope: Collection[str] | None = None, wanted_secrets: AbstractSet[str] | None = None) -> tuple[Action, ...]:
     """Actions for the connections in scope (None: all): removals, then loads, then initiations
     (every connection and secret of the batch is in place before the first IKE packet leaves, and
-    a backend that must reload its secrets does so once per batch, not once per tunnel)."""
-    in_scope = (lambda name: True) if scope is None else (lambda name: name in scope)
-    wanted_secrets = {p.secret_id for p in desired.values() if p.secret_id}
+    a backend that must reload its secrets does so once per batch, not once per tunnel).
 
-    removals: list[Action] = [UnloadConn(conn) for conn in sorted(observed.conns)
-                              if conn not in desired and conn not in memory.protected and in_scope(conn)]
-    removals += [UnloadSecret(secret) for secret in sorted(observed.shared_secrets - wanted_secrets)
-                 if secret not in memory.protected and in_scope(secret)]
+    `wanted_secrets`: the secret ids of every desired peering, when the caller keeps them (a scoped
+    plan then costs what its scope holds, not what the desired state holds)."""
+    if wanted_secrets is None:
+        wanted_secrets = {p.secret_id for p in desired.values() if p.secret_id}
+    conns: Collection[str]
+    secrets: Collection[str]
+    if scope is None:
+        conns, secrets = observed.conns.keys(), observed.shared_secrets
+    else:
+        conns = [name for name in scope if name in observed.conns]
+        secrets = [name for name in scope if name in observed.shared_secrets]
+
+    # Secrets first: whoever sees one of our connections gone sees its secret gone too (the other
+    # order left a secret without its connection between two requests, which a watcher could see).
+    removals: list[Action] = [UnloadSecret(secret) for secret in sorted(secrets)
+                              if secret not in wanted_secrets and secret not in memory.protected]
+    removals += [UnloadConn(conn) for conn in sorted(conns)
+                 if conn not in desired and conn not in memory.protected]
 
     additions: list[Action] = []
     initiations: list[Action] = []

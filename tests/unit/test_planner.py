@@ -111,10 +111,11 @@ def test_changed_psk_is_reloaded():
     assert plan({p.conn_name: p}, state, Memory({p.secret_id: "old"}, {}), 0) == (LoadSecret(p),)
 
 
-def test_stale_objects_of_ours_are_removed():
+def test_stale_objects_of_ours_are_removed_the_secret_first():
+    # Whoever sees the connection gone sees its secret gone (tests/functional/test_backend_contract.py).
     stale = observed({"ovsipsec-10.0.0.7-0123456789": frozenset()}, ["ovsipsec-10.0.0.7-0123456789"])
-    assert plan({}, stale, NO_MEMORY, 0) == (UnloadConn("ovsipsec-10.0.0.7-0123456789"),
-                                             UnloadSecret("ovsipsec-10.0.0.7-0123456789"))
+    assert plan({}, stale, NO_MEMORY, 0) == (UnloadSecret("ovsipsec-10.0.0.7-0123456789"),
+                                             UnloadConn("ovsipsec-10.0.0.7-0123456789"))
 
 
 def test_scope_limits_work_to_the_named_connections():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from ..backends.base import Backend
@@ -21,7 +21,7 @@ from ..model import DesiredState
 from ..pki.inspect import CertificateInspector
 from ..planner import Action, Initiate, LoadConn, LoadSecret, Memory, UnloadConn, UnloadSecret, plan, protected_conns
 from ..status.events import EventLog, events_between
-from ..status.snapshot import StatusSnapshot, build_snapshot, certificate_statuses
+from ..status.snapshot import Placement, StatusSnapshot, build_snapshot, certificate_statuses
 from ..text import printable
 from .desired import DesiredPeerings
 from .observation import ObservationCache
@@ -58,6 +58,9 @@ class Reconciler:
         self._last_full_resync: float | None = None
         self._pass_started = time.monotonic()
         self._status_memo: dict = {}  # for build_snapshot: reuse unchanged tunnels' statuses
+        # Tunnels whose status may differ from the last snapshot's (None: any of them): the next
+        # snapshot looks at these only, so a one-tunnel change costs one status.
+        self._status_scope: set[str] | None = set()
         self.snapshot = StatusSnapshot.empty()
 
     # -- a pass ---------------------------------------------------------------------------------
@@ -76,6 +79,7 @@ class Reconciler:
         invalid_before = self.desired.validated.invalid
         if desired is not None or work.full:
             dirty |= self._revalidate(self._desired_state, now)
+            self._touch(self.desired.touched_names)
             guard_changed = self._enforce_guard(work.full)  # before anything reaches the IKE daemon
         if not (work.full or dirty):
             # Nothing else in this pass would show the guard's new status, or an invalid tunnel
@@ -83,8 +87,15 @@ class Reconciler:
             if guard_changed or self.desired.validated.invalid != invalid_before or failed_before:
                 self._publish(now)
             return
+        # What to ask the IKE daemon about: everything on a full pass; otherwise the connections
+        # it told us about (events), whose retry is due, or that take over. A connection that is
+        # dirty only because its desired form changed is planned on the cache, which our own
+        # actions and the daemon's events keep current (and the periodic full pass checks): asking
+        # first would cost a one-tunnel change two more VICI requests. After the daemon did not
+        # answer, nothing cached is trusted.
+        scope = None if work.full or self._daemon_error or len(work.keys) > SCOPED_OBSERVE_LIMIT else work.keys
         try:
-            restarted = self.observation.look(None if work.full or len(dirty) > SCOPED_OBSERVE_LIMIT else dirty)
+            restarted = self.observation.look(scope) if scope is None or scope else False
             self._daemon_error = None
         except BackendError as exc:
             self._daemon_unreachable(exc, now)
@@ -96,13 +107,18 @@ class Reconciler:
             self._queue.resynced()
             self._last_full_resync = now
             dirty = set(self.desired.peerings) | set(observed.conns) | set(observed.shared_secrets)
+            self._status_scope = None
         self._note_progress(dirty)
-        protected = protected_conns(observed, self.desired.unprotected_invalid(), self._backend.naming)
+        protected = protected_conns(observed, self.desired.unprotected_invalid(), self._backend.naming,
+                                    scope=None if work.full else dirty)
         memory = Memory(self.observation.secret_digests, self._queue.not_before, frozenset(self._takeover),
                         protected)
-        actions = plan(self.desired.peerings, observed, memory, now, scope=dirty)
+        actions = plan(self.desired.peerings, observed, memory, now, scope=dirty,
+                       wanted_secrets=self.desired.secret_ids.keys())
         if self._apply(actions, now) and (work.full or any(isinstance(a, UnloadConn) for a in actions)):
             self._backend.cleanup_credentials(self.desired.peerings.values())
+        self._touch(tunnel.name for conn in dirty if (peering := self.desired.peerings.get(conn))
+                    for tunnel in peering.tunnels)
         self._publish(now)
 
     def pass_failed(self, exc: BaseException, delay: float, now: float) -> None:
@@ -254,16 +270,24 @@ class Reconciler:
         except BackendError as exc:
             log.error("cleanup on exit incomplete: %s", exc)
 
+    def _touch(self, names: Iterable[str]) -> None:
+        if self._status_scope is not None:
+            self._status_scope.update(names)
+
     def _publish(self, now: float) -> None:
         desired = self._desired_state
         global_config = desired.global_config if desired is not None else self.snapshot.global_config
         stats = self.snapshot.reconcile.after_pass(time.monotonic() - self._pass_started, self._last_full_resync,
                                                    self._queue.waiting(), self._pass_error)
+        # The IKE daemon's reachability shows in every tunnel's status.
+        names = self._status_scope if self._daemon_error == self.snapshot.ike_daemon_error else None
+        placement = Placement(self.desired.peering_of, self.desired.invalid_of, self.desired.validated.kept)
         snapshot = build_snapshot(self.desired.validated, self.desired.peerings, self.observation.state,
                                   self._errors, self._daemon_error, global_config, self.snapshot, now,
                                   certificates=certificate_statuses(global_config, self.desired.facts),
                                   reconcile=stats, memo=self._status_memo,
-                                  not_applicable=self._backend.not_applicable)
+                                  not_applicable=self._backend.not_applicable, names=names, placement=placement)
+        self._status_scope = set()
         if self._guard is not None:
             snapshot = replace(snapshot, guard=self._guard.status)
         self._events.emit(events_between(self.snapshot, snapshot, now))

@@ -2,7 +2,7 @@
 
 The IDL lives in the main thread only (python-ovs is not thread safe); what leaves this module is
 frozen values. Rows are converted once and cached by UUID, so a change to one Interface among
-thousands costs one conversion, not thousands.
+thousands costs one conversion, not thousands, and each snapshot says which rows changed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import ovs.db.idl
 import ovs.poller
 
 from ..errors import OvsIpsecError
-from ..model import DesiredState, GlobalConfig, InterfaceRow
+from ..model import USERSPACE_DATAPATH, ChangeLog, DesiredState, GlobalConfig, InterfaceRow
 
 INTERFACE_COLUMNS = ["name", "type", "options", "ofport", "cfm_fault"]
 # Replicated for the status writer (ovsdb/writer.py), which must see what it would change. Changes
@@ -112,8 +112,9 @@ class OvsdbReader:
         helper.register_columns("Bridge", BRIDGE_COLUMNS)
         helper.register_columns("Port", PORT_COLUMNS)
         self._idl = _TrackingIdl(remote, helper)
-        self._rows: dict = {}
-        self._datapaths: dict = {}  # Interface UUID -> its bridge's datapath_type
+        self._rows: dict = {}  # Interface uuid -> InterfaceRow, as last handed out
+        self._changes = ChangeLog.start()
+        self._datapaths: dict = {}  # Interface UUID -> its bridge's datapath_type, netdev bridges only
         self._seen_seqno = -1
 
     def run(self) -> bool:
@@ -136,23 +137,41 @@ class OvsdbReader:
         self._idl.close()
 
     def snapshot(self) -> DesiredState:
+        """The rows as of now: the previous snapshot's rows with those the IDL reported changed
+        converted again, and which keys changed (the snapshot's ChangeLog)."""
         self._seen_seqno = self._relevant_seqno()
         changed, self._idl.changed_interfaces = self._idl.changed_interfaces, set()
         if self._idl.topology_changed:
             self._idl.topology_changed = False
-            datapaths = datapath_of_interfaces(self._idl.tables["Bridge"].rows.values())
+            # Only the userspace datapath changes what a tunnel is (model.USERSPACE_DATAPATH), and
+            # every one-tunnel add or delete changes a Bridge and a Port: walking the ports of every
+            # bridge would make each such change cost O(N). Only netdev bridges are walked.
+            netdev = [bridge for bridge in self._idl.tables["Bridge"].rows.values()
+                      if bridge.datapath_type == USERSPACE_DATAPATH]
+            datapaths = datapath_of_interfaces(netdev)
             changed |= {uuid for uuid in datapaths.keys() | self._datapaths.keys()
                         if datapaths.get(uuid) != self._datapaths.get(uuid)}
             self._datapaths = datapaths
         current = self._idl.tables["Interface"].rows
-        rows = {}
-        for uuid, row in current.items():
-            cached = self._rows.get(uuid)
-            rows[uuid] = cached if cached is not None and uuid not in changed else \
-                interface_from_row(row, self._datapaths.get(uuid))
+        rows = dict(self._rows)  # never modify a dict already handed out: snapshots cross threads
+        keys = set()
+        for uuid in changed:
+            row = current.get(uuid)
+            new = interface_from_row(row, self._datapaths.get(uuid)) if row is not None else None
+            if new != rows.get(uuid):
+                keys.add(uuid)
+                if new is None:
+                    del rows[uuid]
+                else:
+                    rows[uuid] = new
+        if len(rows) != len(current):
+            # The IDL reconnected and cleared its tables, which it does without a notification
+            # per row: rows deleted meanwhile are still here (every live row was notified again).
+            keys.update(uuid for uuid in rows if uuid not in current)
+            rows = {uuid: row for uuid, row in rows.items() if uuid in current}
         self._rows = rows
-        interfaces = tuple(sorted(rows.values(), key=lambda r: r.name))
-        return DesiredState(global_config=self._global_config(), interfaces=interfaces)
+        self._changes = self._changes.advance(keys)
+        return DesiredState(global_config=self._global_config(), interfaces=rows, changes=self._changes)
 
     def _global_config(self) -> GlobalConfig:
         other_config: dict = {}

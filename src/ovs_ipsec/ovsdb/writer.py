@@ -34,9 +34,17 @@ from dataclasses import dataclass
 import ovs.db.idl
 import ovs.poller
 
+from ..index import add_member, discard_member
+from ..model import ChangeLog
 from ..status.snapshot import StatusSnapshot, TunnelStatus
 
 log = logging.getLogger("ovs_ipsec.writer")
+
+# Rows per transaction. A bulk change writes thousands of rows: in one transaction the request
+# and ovsdb-server's echo of every row are each built whole in memory (at N=10,000 the write-back
+# raised the peak RSS by 26 MB, 13 MB of it transient); in chunks the same memory serves chunk
+# after chunk (+6 MB), for 0.2 s more until the last row is written.
+WRITE_CHUNK = 1000
 
 STATE_KEY, REASON_KEY, SINCE_KEY = "ipsec_state", "ipsec_reason", "ipsec_since"
 LAST_GOOD_KEY = "ipsec_last_good_since"  # while invalid: since when the last good configuration is kept
@@ -71,7 +79,7 @@ def _iso(moment: float) -> str:
 
 def wanted_keys(snapshot: StatusSnapshot) -> dict[str, dict[str, str]]:
     """Tunnel name -> the keys its Interface row should carry."""
-    return {tunnel.name: status_keys(tunnel) for tunnel in snapshot.tunnels}
+    return {name: status_keys(tunnel) for name, tunnel in snapshot.statuses.items()}
 
 
 def plan_writes(wanted: Mapping[str, Mapping[str, str]],
@@ -103,19 +111,30 @@ class InterfaceStatusWriter:
     in flight: a newer status simply waits for the current write to finish, then is compared again.
     """
 
-    def __init__(self, idl: ovs.db.idl.Idl) -> None:
+    def __init__(self, idl: ovs.db.idl.Idl, chunk: int = WRITE_CHUNK) -> None:
         self._idl = idl
+        self._chunk = chunk
         self._txn: ovs.db.idl.Transaction | None = None
         self._looked_at: tuple[StatusSnapshot, int] | None = None
         self._wanted: dict[str, dict[str, str]] = {}  # what the last look asked for, per tunnel
+        self._seen_changes: ChangeLog | None = None  # the ChangeLog of the snapshot `_wanted` is from
         self._names: dict = {}  # Interface uuid -> name, kept for the rows the IDL reported touched
+        self._uuids_of: dict[str, tuple] = {}  # the reverse: name -> uuids (see index.py)
         self._last_full_resync: float | None = None
         self._full_scan = True  # look at every row: first run, after a failed write, on a resync
+        self._backlog: tuple[RowWrite, ...] = ()  # planned for `_backlog_of`, beyond the first chunk
+        self._backlog_of: StatusSnapshot | None = None
         self.writes = 0  # transactions committed, for tests and debugging
 
     def run(self, snapshot: StatusSnapshot) -> None:
         if self._txn is not None and not self._finish_commit():
             return
+        if self._backlog:
+            if snapshot is self._backlog_of:
+                self._write(self._backlog, snapshot)
+                return
+            # A newer status: compare every row with it instead of writing what is left.
+            self._backlog, self._full_scan = (), True
         if snapshot.taken_at is None or not self._idl.has_ever_connected():
             # Before the first status, an empty one would erase what the previous run wrote and
             # that is still true (connections survive `exit --no-cleanup`).
@@ -124,33 +143,68 @@ class InterfaceStatusWriter:
                 and self._looked_at[1] == self._idl.change_seqno:
             return
         self._looked_at = (snapshot, self._idl.change_seqno)
-        wanted = wanted_keys(snapshot)
         if snapshot.reconcile.last_full_resync != self._last_full_resync:
             # The daemon's periodic full look: also repair keys changed behind our back.
             self._last_full_resync, self._full_scan = snapshot.reconcile.last_full_resync, True
-        writes = plan_writes(wanted, self._rows_to_check(wanted))
-        self._wanted = wanted
+        changed = self._update_wanted(snapshot)
+        writes = plan_writes(self._wanted, self._rows_to_check(changed))
         if writes:
-            self._txn = self._start(writes)
-            self._finish_commit()
+            self._write(writes, snapshot)
 
-    def _rows_to_check(self, wanted: Mapping[str, Mapping[str, str]]) -> list[tuple[object, str, Mapping[str, str]]]:
-        """Only rows the IDL saw change and rows of tunnels whose status changed: reading every
-        row through the IDL's accessors would make a one-tunnel change cost O(N) in this thread."""
+    def _write(self, writes: tuple[RowWrite, ...], snapshot: StatusSnapshot) -> None:
+        """Start a transaction with the first `chunk` rows; keep the rest for the next runs."""
+        self._backlog, self._backlog_of = writes[self._chunk:], snapshot
+        self._txn = self._start(writes[:self._chunk])
+        self._finish_commit()
+
+    def _update_wanted(self, snapshot: StatusSnapshot) -> set[str] | None:
+        """Bring `_wanted` to this snapshot, looking only at the tunnels whose status changed
+        since the last look when the snapshot says which; return the names whose keys changed
+        (None: look at every row)."""
+        names = None if self._full_scan else snapshot.changes.since(self._seen_changes)
+        self._seen_changes = snapshot.changes
+        if names is None:
+            before, self._wanted = self._wanted, wanted_keys(snapshot)
+            if self._full_scan:
+                return None
+            return {name for name in before.keys() | self._wanted.keys()
+                    if before.get(name) != self._wanted.get(name)}
+        changed = set()
+        for name in names:
+            status = snapshot.statuses.get(name)
+            keys = status_keys(status) if status is not None else None
+            if keys != self._wanted.get(name):
+                changed.add(name)
+                if keys is None:
+                    del self._wanted[name]
+                else:
+                    self._wanted[name] = keys
+        return changed
+
+    def _rows_to_check(self, changed: set[str] | None) -> list[tuple[object, str, Mapping[str, str]]]:
+        """Only rows the IDL saw change and rows of tunnels whose status changed (None: every
+        row): reading every row through the IDL's accessors would make a one-tunnel change cost
+        O(N) in this thread."""
         rows = self._idl.tables["Interface"].rows
         touched, self._idl.touched_interfaces = self._idl.touched_interfaces, set()
-        if self._full_scan:
+        if changed is None:
             self._full_scan = False
             self._names = {uuid: row.name for uuid, row in rows.items()}
+            self._uuids_of = {}
+            for uuid, name in self._names.items():
+                add_member(self._uuids_of, name, uuid)
             return list(self._rows())
         for uuid in touched:
             row = rows.get(uuid)
-            if row is None:
-                self._names.pop(uuid, None)
-            else:
+            old = self._names.pop(uuid, None)
+            if old is not None:
+                discard_member(self._uuids_of, old, uuid)
+            if row is not None:
                 self._names[uuid] = row.name
-        changed = {name for name in wanted.keys() | self._wanted.keys() if wanted.get(name) != self._wanted.get(name)}
-        uuids = touched | {uuid for uuid, name in self._names.items() if name in changed}
+                add_member(self._uuids_of, row.name, uuid)
+        uuids = set(touched)
+        for name in changed:
+            uuids.update(self._uuids_of.get(name, ()))
         return [(uuid, rows[uuid].name, rows[uuid].external_ids) for uuid in uuids if uuid in rows]
 
     def wait(self, poller: ovs.poller.Poller) -> None:
@@ -205,6 +259,7 @@ class InterfaceStatusWriter:
             log.debug("status write ended with %s; will compare again", status)
             self._looked_at = None
             self._full_scan = True
+            self._backlog = ()
         self._txn = None
         return True
 

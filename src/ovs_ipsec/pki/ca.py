@@ -25,7 +25,6 @@ from ovs_ipsec.pki.files import PkiError, PkiLayout
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
-DEFAULT_DAYS = 3650  # what ovs-pki gives both its CAs and the certificates they sign
 ORGANIZATION = "Open vSwitch"
 LEAF_UNIT = "Open vSwitch certifier"
 # Hosts rarely agree on the time to the second; a certificate made on the CA machine must

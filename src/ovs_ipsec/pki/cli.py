@@ -15,13 +15,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from cryptography import x509
+from typing import TYPE_CHECKING
 
 from ovs_ipsec.atomicfile import write_atomic
 from ovs_ipsec.errors import OvsIpsecError
-from ovs_ipsec.pki import ca, files
-from ovs_ipsec.pki.files import CA_KINDS, DEFAULT_PKI_DIR, NameFiles, PkiError, PkiLayout
+from ovs_ipsec.pki import files
+from ovs_ipsec.pki.files import CA_KINDS, DEFAULT_DAYS, DEFAULT_PKI_DIR, NameFiles, PkiError, PkiLayout
 from ovs_ipsec.pki.inspect import (
     CertificateInspector,
     cert_facts_from_bytes,
@@ -30,6 +29,11 @@ from ovs_ipsec.pki.inspect import (
     key_facts_from_bytes,
     key_matches,
 )
+
+# cryptography (in `ca` too) is imported by the commands that use it: `ovs-ipsec` registers this
+# command line for every subcommand, `monitor` included, and loading it costs about 10 MB of RSS.
+if TYPE_CHECKING:
+    from cryptography import x509
 
 PROG = "ovs-ipsec pki"
 Handler = Callable[[argparse.Namespace], int]
@@ -108,8 +112,8 @@ def _add_shared_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     add("-k", "--key-type", choices=("ecdsa", "rsa"), default=default("ecdsa"), help="default: ecdsa")
     add("-B", "--bits", type=_positive_int, default=default(None),
         help="key size: ecdsa 256 (default) or 384; rsa 2048 (default), 3072 or 4096")
-    add("--days", type=_positive_int, default=default(ca.DEFAULT_DAYS),
-        help=f"validity in days (default: {ca.DEFAULT_DAYS}, as ovs-pki)")
+    add("--days", type=_positive_int, default=default(DEFAULT_DAYS),
+        help=f"validity in days (default: {DEFAULT_DAYS}, as ovs-pki)")
     add("-u", "--unique", action="store_true", default=default(False),
         help="accepted for ovs-pki compatibility: the CN is always exactly NAME")
     add("-b", "--batch", action="store_true", default=default(False),
@@ -135,6 +139,8 @@ def _utc(moment: dt.datetime) -> str:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    from ovs_ipsec.pki import ca
+
     layout, spec = PkiLayout(Path(args.dir)), ca.KeySpec.parse(args.key_type, args.bits)
     existing = tuple(path for kind in CA_KINDS for path in (layout.ca_cert(kind), layout.ca_key(kind)))
     files.refuse_existing(existing, args.force)
@@ -150,6 +156,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_req(args: argparse.Namespace) -> int:
+    from ovs_ipsec.pki import ca
+
     named, spec = NameFiles(ca.check_name(args.name)), ca.KeySpec.parse(args.key_type, args.bits)
     files.refuse_existing((named.private_key, named.request), args.force)
     key = ca.generate_key(spec)
@@ -162,6 +170,8 @@ def _cmd_req(args: argparse.Namespace) -> int:
 
 
 def _cmd_self_sign(args: argparse.Namespace) -> int:
+    from ovs_ipsec.pki import ca
+
     named = NameFiles(args.name)
     key, request = ca.load_private_key(named.private_key), ca.load_request(named.request)
     if ca.public_key_der(key.public_key()) != ca.public_key_der(request.public_key()):
@@ -174,6 +184,8 @@ def _cmd_self_sign(args: argparse.Namespace) -> int:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
+    from ovs_ipsec.pki import ca
+
     named, layout = NameFiles(args.name), PkiLayout(Path(args.dir))
     if not layout.ca_cert(args.type).exists():
         where = layout.ca_dir(args.type)
@@ -197,6 +209,8 @@ def _cmd_req_sign(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from ovs_ipsec.pki import ca
+
     path = Path(args.file)
     data = files.read_bytes(path)
     if b"-----BEGIN CERTIFICATE-----" in data:
@@ -215,6 +229,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _show_certificate(path: str, data: bytes) -> None:
+    from cryptography import x509
+
+    from ovs_ipsec.pki import ca
+
     facts = cert_facts_from_bytes(path, data)
     if facts.public_key_der is None:
         raise PkiError(facts.error or f"{path} cannot be parsed")
@@ -233,6 +251,10 @@ def _show_certificate(path: str, data: bytes) -> None:
 
 
 def _show_request(request: x509.CertificateSigningRequest) -> None:
+    from cryptography import x509
+
+    from ovs_ipsec.pki import ca
+
     try:
         san = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = ", ".join(san.get_values_for_type(x509.DNSName)) or "(none)"

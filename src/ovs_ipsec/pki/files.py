@@ -22,6 +22,7 @@ PUBLIC_DIR_MODE = 0o755
 DEFAULT_PKI_DIR = Path("/var/lib/openvswitch/pki")  # Debian's ovs-pki default
 # ovs-pki calls its two authorities "<type>ca"; `sign NAME switch` uses switchca.
 CA_KINDS = ("switch", "controller")
+DEFAULT_DAYS = 3650  # what ovs-pki gives both its CAs and the certificates they sign
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,12 @@ import stat
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
+# cryptography is imported where a certificate or key is parsed, not here: loading it (and
+# OpenSSL) costs the monitor about 10 MB of RSS, which a PSK-only host never needs.
+if TYPE_CHECKING:
+    from cryptography import x509
 
 # A file modified this recently may be modified again within the filesystem's timestamp
 # granularity without changing (size, mtime): such facts are not cached (git's "racily
@@ -156,6 +155,9 @@ def _open_pem_file(path: str) -> io.BufferedReader:
 
 
 def cert_facts_from_bytes(path: str, data: bytes) -> CertFacts:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     digest = hashlib.sha256(data).hexdigest()
     try:
         bundle = x509.load_pem_x509_certificates(data)
@@ -193,6 +195,8 @@ def _rule_violation(
     path: str, version: x509.Version, cn: str | None, san_dns: tuple[str, ...], is_ca: bool
 ) -> str | None:
     """The OVS IPsec rules for a certificate (a CA certificate needs no SAN)."""
+    from cryptography import x509
+
     if version != x509.Version.v3:
         return f"{path} is not an x.509 v3 certificate"
     if is_ca:
@@ -206,6 +210,9 @@ def _rule_violation(
 
 
 def key_facts_from_bytes(path: str, data: bytes) -> KeyFacts:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     digest = hashlib.sha256(data).hexdigest()
     encrypted = f"{path} is encrypted (an IKE daemon cannot load it unattended)"
     if b"ENCRYPTED" in data:
@@ -229,6 +236,9 @@ def key_facts_from_bytes(path: str, data: bytes) -> KeyFacts:
 
 def chain_problem(leaf: CertFacts, authority: CertFacts) -> str | None:
     """Pure: does any certificate in the CA file issue `leaf`? Uses the PEM held in the facts."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+
     if leaf.pem is None or authority.pem is None:
         return leaf.error or authority.error
     try:
@@ -292,6 +302,8 @@ def _unreadable_key(path: str, reason: str) -> KeyFacts:
 
 
 def _common_name(name: x509.Name) -> str | None:
+    from cryptography.x509.oid import NameOID
+
     values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not values:
         return None
@@ -300,6 +312,8 @@ def _common_name(name: x509.Name) -> str | None:
 
 
 def _san_dns(extensions: x509.Extensions) -> tuple[str, ...]:
+    from cryptography import x509
+
     try:
         san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -308,6 +322,8 @@ def _san_dns(extensions: x509.Extensions) -> tuple[str, ...]:
 
 
 def _extensions_or_none(cert: x509.Certificate) -> x509.Extensions:
+    from cryptography import x509
+
     try:
         return cert.extensions
     except ValueError:
@@ -315,6 +331,8 @@ def _extensions_or_none(cert: x509.Certificate) -> x509.Extensions:
 
 
 def _is_ca(extensions: x509.Extensions) -> bool:
+    from cryptography import x509
+
     try:
         return extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
@@ -322,6 +340,8 @@ def _is_ca(extensions: x509.Extensions) -> bool:
 
 
 def _key_type(key: object) -> str | None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     if isinstance(key, rsa.RSAPrivateKey):
         return "RSA"
     if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -332,6 +352,8 @@ def _key_type(key: object) -> str | None:
 
 
 def _spki(public_key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return public_key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )

@@ -67,9 +67,12 @@ def events_between(previous: StatusSnapshot, current: StatusSnapshot, now: float
 
 
 def _tunnel_events(previous: StatusSnapshot, current: StatusSnapshot, now: float) -> tuple[Event, ...]:
-    before = {tunnel.name: tunnel for tunnel in previous.tunnels}
+    # Only the tunnels whose status changed from `previous` to `current`, when the snapshot says.
+    known = current.changes.since(previous.changes)
+    names = known if known is not None else previous.statuses.keys() | current.statuses.keys()
+    before = {name: previous.statuses[name] for name in names if name in previous.statuses}
     events = []
-    for tunnel in current.tunnels:
+    for tunnel in [current.statuses[name] for name in sorted(names) if name in current.statuses]:
         old = before.pop(tunnel.name, None)
         if old is None or (old.state, old.reason) != (tunnel.state, tunnel.reason):
             was = old.state if old is not None else None
@@ -107,23 +110,19 @@ def _tunnel_fields(tunnel: TunnelStatus, was: TunnelState | None) -> tuple[tuple
 def _encrypting_events(previous: StatusSnapshot, current: StatusSnapshot, now: float) -> tuple[Event, ...]:
     """One line when every configured tunnel is encrypting again, one when that stops being so
     (what a cluster's health check greps for)."""
-    before, after = _all_encrypting(previous), _all_encrypting(current)
+    before, after = previous.all_encrypting(), current.all_encrypting()
     if after and not before:
-        count = len(current.tunnels)
+        count = len(current.statuses)
         # Upstream's own words first: OpenShift's CI greps the log for "Connections for all(N)".
         return (Event("all_tunnels_encrypting", now, (
             ("tunnels", count), ("message", f"Connections for all({count}) configured tunnels are Up: "
                                             f"all {count} configured tunnels are encrypting"))),)
-    if before and not after and current.tunnels:
+    if before and not after and current.statuses:
         waiting = sorted(t.name for t in current.tunnels if not t.encrypting)
         return (Event("not_all_tunnels_encrypting", now, (
             ("tunnels", len(current.tunnels)), ("not_encrypting", ",".join(waiting) or None),
             ("message", f"{len(waiting)} of {len(current.tunnels)} configured tunnels are not encrypting"))),)
     return ()
-
-
-def _all_encrypting(snapshot: StatusSnapshot) -> bool:
-    return bool(snapshot.tunnels) and all(tunnel.encrypting for tunnel in snapshot.tunnels)
 
 
 def _certificate_events(previous: StatusSnapshot, current: StatusSnapshot, now: float) -> tuple[Event, ...]:

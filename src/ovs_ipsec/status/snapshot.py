@@ -6,16 +6,17 @@ Pure: validated tunnels, observed SAs and recorded errors in, a frozen snapshot 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 
 from ..guard.policy import GuardStatus
-from ..model import GlobalConfig, Invalid, ObservedState, Tunnel, TunnelState, ValidatedState
+from ..model import ChangeLog, GlobalConfig, Invalid, ObservedState, Tunnel, TunnelState, ValidatedState
 from ..planner import Peering
 from ..validate import CertificateFacts
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tunnel: no __dict__ each
 class TunnelStatus:
     name: str
     type: str
@@ -103,17 +104,33 @@ class ReconcileStats:
 
 @dataclass(frozen=True)
 class StatusSnapshot:
-    tunnels: tuple[TunnelStatus, ...]
+    statuses: Mapping[str, TunnelStatus]  # by tunnel name; never modified once published
     global_config: GlobalConfig
     ike_daemon_error: str | None
     taken_at: float | None
     certificates: tuple[CertificateStatus, ...] = ()
     reconcile: ReconcileStats = ReconcileStats()
     guard: GuardStatus = GuardStatus()  # the plaintext guard (other_config:ipsec_skb_mark)
+    # Which tunnels' statuses each snapshot changed (the OVSDB write-back and the events look at
+    # those only), and how many tunnels are not encrypting (None: count them when asked).
+    changes: ChangeLog = ChangeLog()
+    not_encrypting: int | None = None
 
     @classmethod
     def empty(cls) -> StatusSnapshot:
-        return cls((), GlobalConfig(), None, None)
+        return cls({}, GlobalConfig(), None, None)
+
+    @functools.cached_property  # works on a frozen dataclass: it writes __dict__ directly
+    def tunnels(self) -> tuple[TunnelStatus, ...]:
+        """Every tunnel's status, by name: for queries, which read them all anyway."""
+        return tuple(self.statuses[name] for name in sorted(self.statuses))
+
+    def all_encrypting(self) -> bool:
+        if not self.statuses:
+            return False
+        if self.not_encrypting is not None:
+            return self.not_encrypting == 0
+        return all(status.encrypting for status in self.statuses.values())
 
     def as_json(self) -> dict:
         return {
@@ -127,40 +144,89 @@ class StatusSnapshot:
         }
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where each tunnel stands in the desired state: the peering that carries it, or why it is
+    invalid, and since when a kept one's last good configuration is kept."""
+
+    peering_of: Mapping[str, Peering]
+    invalid_of: Callable[[str], Invalid | None]
+    kept: Mapping[str, float]
+
+    @classmethod
+    def of(cls, validated: ValidatedState, peerings: Mapping[str, Peering]) -> Placement:
+        peering_of = {tunnel.name: peering for peering in peerings.values() for tunnel in peering.tunnels}
+        invalid = {entry.name: entry for entry in validated.invalid}
+        return cls(peering_of, invalid.get, validated.kept)
+
+
 def build_snapshot(validated: ValidatedState, peerings: Mapping[str, Peering], observed: ObservedState,
                    errors: Mapping[str, str], daemon_error: str | None, global_config: GlobalConfig,
                    previous: StatusSnapshot, now: float, certificates: tuple[CertificateStatus, ...] = (),
                    reconcile: ReconcileStats = ReconcileStats(), memo: dict | None = None,
-                   not_applicable: Callable[[Tunnel], tuple[tuple[str, str], ...]] = lambda tunnel: ()
-                   ) -> StatusSnapshot:
+                   not_applicable: Callable[[Tunnel], tuple[tuple[str, str], ...]] = lambda tunnel: (),
+                   names: Collection[str] | None = None, placement: Placement | None = None) -> StatusSnapshot:
     """The status of every tunnel. `memo` (owned by the caller) reuses a tunnel's previous status
     while everything it is computed from is the very same, so one change among thousands of
     tunnels costs one status, not thousands. `not_applicable` names the options the backend has
-    no setting for. A tunnel kept at its last good configuration is `invalid`, with its SAs."""
+    no setting for. A tunnel kept at its last good configuration is `invalid`, with its SAs.
+
+    `names`: only these tunnels can have a status other than in `previous` (None: any tunnel);
+    the others are carried over without a look. `placement`: from `validated` and `peerings`
+    when not given (a caller that keeps one up to date saves building it)."""
     memo = {} if memo is None else memo
-    before = {tunnel.name: tunnel for tunnel in previous.tunnels}
-    reasons = {invalid.name: invalid.reason for invalid in validated.invalid}
-    stamped = [_stamp(_invalid_status(invalid), before.get(invalid.name), now) for invalid in validated.invalid
-               if invalid.name not in validated.kept]
-    seen = set()
-    for peering in peerings.values():
-        sas, loaded, error = observed.sas_of(peering.conn_name), peering.conn_name in observed.conns, \
-            errors.get(peering.conn_name)
-        for tunnel in peering.tunnels:
-            kept = (reasons[tunnel.name], validated.kept[tunnel.name]) if tunnel.name in validated.kept else None
-            key = (tunnel, peering, sas, loaded, error, daemon_error, kept)
-            cached = memo.get(tunnel.name)
-            if cached is None or cached[0] != key or before.get(tunnel.name) is not cached[1]:
-                status = _tunnel_status(tunnel, peering, observed, error, daemon_error, now, not_applicable(tunnel))
-                if kept is not None:
-                    status = replace(status, state=TunnelState.INVALID, reason=kept[0], last_good_since=kept[1])
-                cached = memo[tunnel.name] = (key, _stamp(status, before.get(tunnel.name), now))
-            stamped.append(cached[1])
-            seen.add(tunnel.name)
-    for name in memo.keys() - seen:
-        del memo[name]
-    stamped.sort(key=lambda status: status.name)
-    return StatusSnapshot(tuple(stamped), global_config, daemon_error, now, certificates, reconcile)
+    placement = placement or Placement.of(validated, peerings)
+    before = previous.statuses
+    if names is None:
+        names = before.keys() | placement.peering_of.keys() | {invalid.name for invalid in validated.invalid}
+    statuses = dict(before)
+    not_encrypting = previous.not_encrypting if previous.not_encrypting is not None else \
+        sum(1 for status in before.values() if not status.encrypting)
+    changed = set()
+    for name in names:
+        old = before.get(name)
+        status = _status_of(name, placement, observed, errors, daemon_error, old, now, memo, not_applicable)
+        if status is old:
+            continue
+        changed.add(name)
+        not_encrypting += (status is not None and not status.encrypting) - (old is not None and not old.encrypting)
+        if status is None:
+            del statuses[name]
+        else:
+            statuses[name] = status
+    changes = (previous.changes if previous.changes.source is not None else ChangeLog.start()).advance(changed)
+    return StatusSnapshot(statuses, global_config, daemon_error, now, certificates, reconcile,
+                          changes=changes, not_encrypting=not_encrypting)
+
+
+def _status_of(name: str, placement: Placement, observed: ObservedState, errors: Mapping[str, str],
+               daemon_error: str | None, old: TunnelStatus | None, now: float, memo: dict,
+               not_applicable: Callable[[Tunnel], tuple[tuple[str, str], ...]]) -> TunnelStatus | None:
+    """One tunnel's status (None: it is gone), the very `old` object while nothing changed."""
+    peering = placement.peering_of.get(name)
+    invalid = placement.invalid_of(name)
+    if peering is not None:
+        tunnel = next(t for t in peering.tunnels if t.name == name)
+        sas, loaded, error = (observed.sas_of(peering.conn_name), peering.conn_name in observed.conns,
+                              errors.get(peering.conn_name))
+        kept = (invalid.reason if invalid else "", placement.kept[name]) if name in placement.kept else None
+        key: tuple = (tunnel, peering, sas, loaded, error, daemon_error, kept)
+    elif invalid is not None:
+        key = (invalid,)
+    else:
+        memo.pop(name, None)
+        return None
+    cached = memo.get(name)
+    if cached is None or cached[0] != key or old is not cached[1]:
+        if peering is not None:
+            status = _tunnel_status(tunnel, peering, observed, error, daemon_error, now, not_applicable(tunnel))
+            if kept is not None:
+                status = replace(status, state=TunnelState.INVALID, reason=kept[0], last_good_since=kept[1])
+        else:
+            assert invalid is not None  # the key above is (invalid,) only when there is one
+            status = _invalid_status(invalid)
+        cached = memo[name] = (key, _stamp(status, old, now))
+    return cached[1]
 
 
 def _stamp(status: TunnelStatus, old: TunnelStatus | None, now: float) -> TunnelStatus:

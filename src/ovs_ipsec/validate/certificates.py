@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..model import DesiredState, GlobalConfig
+from ..model import DesiredState, GlobalConfig, InterfaceRow
 from ..pki.inspect import CertFacts, KeyFacts, cert_problems, key_matches
 from ..text import shown
 from . import fields
@@ -40,7 +40,13 @@ def certificate_paths(desired: DesiredState) -> tuple[set[str], set[str], set[tu
 
     Only paths that pass the path rule: a malformed path is refused by validation, never opened.
     """
-    config = desired.global_config
+    certs, keys, chains = global_certificate_paths(desired.global_config)
+    certs |= {path for path in map(remote_cert_path, desired.interfaces.values()) if path}
+    return certs, keys, chains
+
+
+def global_certificate_paths(config: GlobalConfig) -> tuple[set[str], set[str], set[tuple[str, str]]]:
+    """certificate_paths for other_config alone (the host's certificate, key and CA)."""
     certs: set[str] = set()
     keys: set[str] = set()
     chains: set[tuple[str, str]] = set()
@@ -54,12 +60,14 @@ def certificate_paths(desired: DesiredState) -> tuple[set[str], set[str], set[tu
         certs.add(ca_cert)
         if certificate:
             chains.add((certificate, ca_cert))
-    for row in desired.interfaces:
-        options = dict(row.options)
-        remote_cert = _safe_path(options.get("remote_cert"))
-        if remote_cert and is_ipsec_interface(options):
-            certs.add(remote_cert)
     return certs, keys, chains
+
+
+def remote_cert_path(row: InterfaceRow) -> str | None:
+    """The peer certificate file an IPsec row pins, if its path passes the path rule."""
+    options = dict(row.options)
+    remote_cert = _safe_path(options.get("remote_cert"))
+    return remote_cert if remote_cert and is_ipsec_interface(options) else None
 
 
 def _safe_path(value: str | None) -> str | None:

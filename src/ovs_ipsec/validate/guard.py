@@ -18,8 +18,20 @@ _USAGE = "expected value/mask such as 0/1 or 1/1, each a 32-bit number in decima
 def guard_config(config: GlobalConfig, rows: Iterable[InterfaceRow]) -> GuardConfig:
     rows = tuple(rows)
     traffic = frozenset(t for t in map(traffic_of_row, rows) if t is not None)
-    # Names as the operator wrote them; the status output escapes them (text.printable).
-    uncovered = tuple(sorted(r.name for r in rows if r.userspace_datapath and is_ipsec_interface(dict(r.options))))
+    uncovered = tuple(sorted(name for name in map(uncovered_of_row, rows) if name is not None))
+    return guard_for(config, traffic, uncovered)
+
+
+def uncovered_of_row(row: InterfaceRow) -> str | None:
+    """The name of an IPsec tunnel row on the userspace datapath (its packets never meet an XFRM
+    policy, guard or not), as the operator wrote it: the status output escapes it (text.printable)."""
+    return row.name if row.userspace_datapath and is_ipsec_interface(dict(row.options)) else None
+
+
+def guard_for(config: GlobalConfig, traffic: frozenset[tuple[str, int | None]],
+              uncovered: tuple[str, ...] = ()) -> GuardConfig:
+    """The guard's configuration from other_config, the traffic of every tunnel row and the IPsec
+    tunnels it cannot cover."""
     if config.skb_mark is None:
         return GuardConfig(traffic=traffic, uncovered=uncovered)
     try:

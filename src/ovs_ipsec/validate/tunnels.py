@@ -9,7 +9,7 @@ affects another tunnel: each row is validated inside its own fence.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from functools import partial
 
@@ -40,20 +40,39 @@ def validate(desired: DesiredState, facts: CertificateFacts, now: float,
     """Validate every IPsec interface; one tunnel's problem never affects another.
 
     `memo` lets a caller reuse per-row results while the global configuration, the certificate
-    facts and the hour stay the same: a change to one row of thousands then costs one check.
+    facts and the hour stay the same. (The monitor validates incrementally, row by row and
+    endpoint pair by endpoint pair: daemon/desired.py, which this whole-state form is the
+    reference for.)
     """
     local, global_problem = local_identity(desired.global_config, facts, now)
     memo = {} if memo is None else memo
-    tunnels: list[Tunnel] = []
-    invalid: list[Invalid] = []
-    claimed: dict[tuple, str] = {}
-    for row in desired.interfaces:
+    verdicts: list[tuple[InterfaceRow, Tunnel | Invalid]] = []
+    for row in desired.interfaces.values():
         result = memo.get(row)
         if result is None:
             options = dict(row.options)
             if not is_ipsec_interface(options):
                 continue
             result = memo[row] = validate_row(row, options, desired.global_config, local, global_problem, facts, now)
+        verdicts.append((row, result))
+    tunnels, invalid = settle_claims(verdicts)
+    return ValidatedState(tunnels, invalid, global_problem,
+                          guard_config(desired.global_config, desired.interfaces.values()))
+
+
+def settle_claims(verdicts: Iterable[tuple[InterfaceRow, Tunnel | Invalid]]) -> tuple[tuple[Tunnel, ...],
+                                                                                     tuple[Invalid, ...]]:
+    """Per-row verdicts -> the valid tunnels and the invalid ones, where of several valid tunnels
+    that would encrypt the same traffic (same addresses, protocol and port) the first by name wins.
+
+    Only tunnels with the same endpoints can clash, so the verdicts of one endpoint pair can be
+    settled apart from the others (the incremental validation relies on it)."""
+    tunnels: list[Tunnel] = []
+    invalid: list[Invalid] = []
+    claimed: dict[tuple, str] = {}
+    # By name; rows of one name (briefly, while ovn-controller replaces one) in an order that does
+    # not depend on how they were gathered.
+    for row, result in sorted(verdicts, key=lambda verdict: (verdict[0].name, verdict[0].type, verdict[0].options)):
         if isinstance(result, Tunnel):
             owner = claimed.setdefault((result.local_ip, result.remote_ip, result.selectors), result.name)
             if owner != result.name:
@@ -63,8 +82,7 @@ def validate(desired: DesiredState, facts: CertificateFacts, now: float,
             tunnels.append(result)
         else:
             invalid.append(result)
-    return ValidatedState(tuple(tunnels), tuple(invalid), global_problem,
-                          guard_config(desired.global_config, desired.interfaces))
+    return tuple(tunnels), tuple(invalid)
 
 
 def validate_row(row: InterfaceRow, options: Mapping[str, str], config: GlobalConfig, local: LocalIdentity | None,

@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -336,3 +337,18 @@ def test_key_rotation_by_rename(tmp_path, inspector):
     second = inspector.key(str(path))
     assert (first.key_type, second.key_type) == ("ECDSA", "RSA")
     assert first.digest != second.digest
+
+
+def test_a_psk_only_monitor_never_loads_cryptography():
+    # About 10 MB of the monitor's RSS (cryptography and OpenSSL) that only certificates need.
+    code = ("import sys\n"
+            "import ovs_ipsec.cli.main, ovs_ipsec.daemon.loop, ovs_ipsec.backends.strongswan.backend\n"
+            "from ovs_ipsec.pki.inspect import CertificateInspector\n"
+            "CertificateInspector().retain(set())\n"
+            "try:\n"
+            "    ovs_ipsec.cli.main.main(['monitor', '--help'])  # builds every subcommand's parser\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('cryptography')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"

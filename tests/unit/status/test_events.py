@@ -165,5 +165,5 @@ def _replay(sequence):
 def test_states_all_have_an_event():
     for state in TunnelState:
         status = replace(snapshot(GNV).tunnels[0], state=state, reason="x" if state in ("invalid", "error") else None)
-        current = StatusSnapshot((status,), GlobalConfig(), None, 1000.0)
+        current = StatusSnapshot({status.name: status}, GlobalConfig(), None, 1000.0)
         assert len(events_between(StatusSnapshot.empty(), current, 1000)) == 1

@@ -35,8 +35,12 @@ def test_a_tunnel_shows_its_own_policies_and_the_guard_not_others():
                            "sel 10.0.0.1/32 -> 10.0.0.2/32 udp dport 6081: 1500 bytes, 3 packets")
 
 
+def by_name(*statuses: TunnelStatus) -> dict[str, TunnelStatus]:
+    return {status.name: status for status in statuses}
+
+
 def test_tunnels_show_has_upstreams_kernel_sections():
-    snapshot = StatusSnapshot((TUNNEL,), GlobalConfig(), None, 0)
+    snapshot = StatusSnapshot(by_name(TUNNEL), GlobalConfig(), None, 0)
     text = render_show(snapshot, KernelView((OUT, IN), (SA,)))
     assert "Kernel policies installed:\n  out 10.0.0.1/32 -> 10.0.0.2/32" in text
     assert "Kernel security associations installed:\n  10.0.0.1 -> 10.0.0.2 esp spi 0xc1c2c3c4" in text
@@ -50,7 +54,7 @@ def test_ipsec_status_has_upstreams_shape_for_the_tools_that_parse_it():
                        installed_children=("ovsipsec-10.0.0.3-0123456789_gre0-gre-abcdef",))
     negotiating = TunnelStatus(name="vx", type="vxlan", local_ip="10.0.0.1", remote_ip="10.0.0.4", auth="psk",
                                state=TunnelState.NEGOTIATING, reason="x")
-    text = render_upstream_status(StatusSnapshot((TUNNEL, gre, negotiating), GlobalConfig(), None, 0))
+    text = render_upstream_status(StatusSnapshot(by_name(TUNNEL, gre, negotiating), GlobalConfig(), None, 0))
     parsed = ast.literal_eval(text)
     assert set(parsed) == {"gnv", "gre0"}  # only tunnels whose child SAs are installed
     assert set(parsed["gnv"]) == {"gnv-in-1", "gnv-out-1"} and set(parsed["gre0"]) == {"gre0-1"}

@@ -42,8 +42,8 @@ def test_unprotected_tunnels_say_so_in_show_and_in_the_guard_line():
     tunnel = TunnelStatus(name="vx-dpdk", type="vxlan", local_ip="10.0.0.1", remote_ip="10.0.0.2", auth="psk",
                           state=TunnelState.UNPROTECTED, reason="on a bridge with datapath_type=netdev")
     guard = replace(ON, uncovered=("vx-dpdk",))
-    shown = render_show(replace(snapshot(guard), tunnels=(tunnel,)))
+    shown = render_show(replace(snapshot(guard), statuses={tunnel.name: tunnel}))
     assert "Interface name: vx-dpdk v1 (UNPROTECTED: on a bridge with datapath_type=netdev)" in shown
     assert "cannot cover 1 tunnel(s) on the userspace datapath, which bypasses XFRM: vx-dpdk" in shown
-    table = render_table(replace(snapshot(guard), tunnels=(tunnel,)).as_json(), now=0.0)
+    table = render_table(replace(snapshot(guard), statuses={tunnel.name: tunnel}).as_json(), now=0.0)
     assert "vx-dpdk" in table and "unprotected" in table and "1 unprotected" in table

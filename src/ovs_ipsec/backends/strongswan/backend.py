@@ -152,6 +152,8 @@ class StrongSwanBackend:
         return render.not_applicable(tunnel.options)
 
     def cleanup_credentials(self, peerings: Collection[Peering]) -> None:
+        if not self._loaded_keys:
+            return  # PSK only: nothing to look for among (thousands of) peerings
         keep = {hashlib.sha256(p.tunnels[0].local_key_pem).hexdigest() for p in peerings if p.tunnels[0].local_key_pem}
         for digest, key_id in list(self._loaded_keys.items()):
             if digest not in keep:
