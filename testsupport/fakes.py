@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
+from ovs_ipsec.backends.strongswan import render
 from ovs_ipsec.errors import BackendError
 from ovs_ipsec.model import ObservedSA, ObservedState, Tunnel
 from ovs_ipsec.planner import (
-    Action, LoadConn, LoadSecret, Naming, Peering, TerminateChild, UnloadConn, UnloadSecret,
+    Action,
+    LoadConn,
+    LoadSecret,
+    Naming,
+    Peering,
+    TerminateChild,
+    UnloadConn,
+    UnloadSecret,
 )
-from ovs_ipsec.backends.strongswan import render
 
 
 class FakeBackend:

@@ -54,7 +54,8 @@ class OvnCentral:
     @property
     def env(self) -> dict[str, str]:
         d = str(self.workdir)
-        return {**os.environ, **{f"{kind}_{what}": d for kind in ("OVS", "OVN") for what in ("RUNDIR", "LOGDIR", "DBDIR")}}
+        dirs = {f"{kind}_{what}": d for kind in ("OVS", "OVN") for what in ("RUNDIR", "LOGDIR", "DBDIR")}
+        return {**os.environ, **dirs}
 
     def start(self) -> None:
         d = self.workdir

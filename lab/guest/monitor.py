@@ -51,10 +51,11 @@ class Monitor:
 
 
 def tunnel_established(status: dict, name: str = TUNNEL_PORT):
-    """(ok, entry): ok when the tunnel is `established` with at least one CHILD_SA installed."""
+    """(ok, entry): ok when the monitor says the tunnel is encrypting: state `established`,
+    `encrypting` true (every child SA of the tunnel installed), and at least one CHILD_SA counted."""
     for entry in status.get("tunnels", []):
         if entry.get("name") == name:
             children = entry.get("child_sas")
             count = len(children) if isinstance(children, (list, dict)) else int(children or 0)
-            return entry.get("state") == "established" and count > 0, entry
+            return entry.get("state") == "established" and entry.get("encrypting") is True and count > 0, entry
     return False, None

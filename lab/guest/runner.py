@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import golden                                              # noqa: E402
 import guard                                               # noqa: E402
+import lastgood                                            # noqa: E402
 import ovn                                                 # noqa: E402
 import scenario as scenarios                                # noqa: E402
 import third                                                # noqa: E402
 import upstream                                             # noqa: E402
-from auth import AUTH, STATUS_AUTH                          # noqa: E402
+from auth import AUTH, PSK, STATUS_AUTH                     # noqa: E402
 from backends import BACKENDS                               # noqa: E402
 from capture import ESP, IKE, Capture                       # noqa: E402
 from hosts import TUNNEL_PORT, Host, Topology               # noqa: E402
@@ -49,6 +50,7 @@ EXPECTATIONS = {
     "encrypted": lambda r: (r["ping_ok"] and r["esp_packets"] > 0 and r["plaintext_packets"] == 0
                             and r["status_ok"] and r["auth_ok"]),
 }
+EXPECTATIONS["last-good"] = lambda r: EXPECTATIONS["encrypted"](r) and r.get("last_good_ok")
 EXPECTATIONS["guarded"] = lambda r: (
     EXPECTATIONS["encrypted"](r)
     and (r.get("guard_policies") or 0) > 0
@@ -138,6 +140,11 @@ def ping(topology: Topology, out: Path) -> dict:
     return {"ping_ok": received >= 1, "ping_sent": sent, "ping_received": received}
 
 
+def _ping_counts(topology: Topology, out: Path) -> tuple[int, int]:
+    counts = ping(topology, out)
+    return counts["ping_sent"], counts["ping_received"]
+
+
 def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
     out = RESULTS / sc.name
     shutil.rmtree(out, ignore_errors=True)
@@ -204,6 +211,10 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
                 result["checks"].update({f"{h.name}_{k}": v for k, v in backend.checks(h).items()})
         if sc.expect == "guarded":
             guard_phases(topology, capture, steps, result, out)
+        if sc.expect == "last-good":
+            steps("last-good")
+            result.update(lastgood.phases(h1, monitors[0], monitors[0].tunnel, PSK,
+                                          lambda: _ping_counts(topology, out)))
         if sc.third_host:
             third.phase(sc, topology, backend, monitors, steps, result, out)
         if capture_golden:

@@ -12,7 +12,7 @@ TUNNELS = ("gre", "geneve", "vxlan")
 # upstream's ovs-pki makes them (upstream peers need them). How: guest/auth.py.
 AUTHS = ("psk", "cert", "ca", "ca-rsa")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
-EXPECTS = ("encrypted", "guarded")
+EXPECTS = ("encrypted", "guarded", "last-good")
 # libreswan-custom-conf: pluto reads a read-only root ipsec.conf that includes the monitor's
 # --ipsec-conf, and the monitor runs with --root-ipsec-conf and --use-default-crypto.
 BACKENDS = ("strongswan", "libreswan", "libreswan-custom-conf")

@@ -21,6 +21,7 @@ import pytest
 
 from testsupport.tunnels import add_pair, add_tunnel, charon_conns
 from ovs_ipsec.guard.policy import GUARD_PRIORITY
+from ovs_ipsec.validate import parse_skb_mark
 from testsupport.procs import wait_for
 
 LET_THROUGH_SPORT = 40001  # the sender the mode lets through (marked in 0/1, unmarked in 1/1)
@@ -350,3 +351,38 @@ def test_drift_is_repaired_mode_off_and_exit_remove_exactly_our_policies(sandbox
     policies = all_policies(a)
     assert our_policies(a) == [] and "dst 10.231.0.99/32" in policies
     assert os.path.exists(a.workdir / "ovs-monitor-ipsec.log")
+
+
+# mode -> the marks whose packets it drops, among the senders' marks (0: unmarked)
+TRANSITIONS = [(None, set()), ("0/1", {0, 2, 0x10}), ("1/1", {1}), ("0x2/0x2", {2}), ("0x10/0x10", {0x10}),
+               ("0/1", {0, 2, 0x10}), (None, set())]
+SENDER_MARKS = {0: 41000, 1: 41001, 2: 41002, 0x10: 41016}  # mark -> the sender's source port
+
+
+def test_every_mode_change_is_exact_judged_by_packets(sandbox, started):
+    """0/1 -> 1/1 left the old mode's block policies behind (fixed): after each change, what the new
+    mode lets through arrives and what it guards does not, and the kernel holds exactly its policies."""
+    a = sandbox.add_host("a", "10.231.0.1/24")
+    b = sandbox.add_host("b", "10.231.0.2/24")
+    a.start_ovsdb()  # no IKE daemon: the guard alone decides
+    add_tunnel(a, b, "gnv", "geneve", psk="swordfish")
+    a.start_monitor()
+    senders = [Program(started, a, SENDER, 4, b.address, "6081", mark if mark else -1, sport)
+               for mark, sport in SENDER_MARKS.items()]
+    try:
+        for mode, dropped in TRANSITIONS:
+            if mode is None:
+                a.vsctl("remove", "Open_vSwitch", ".", "other_config", "ipsec_skb_mark")
+            else:
+                a.vsctl("set", "Open_vSwitch", ".", f"other_config:ipsec_skb_mark={mode}")
+            guard = wait_guard(a, "off" if mode is None else str(parse_skb_mark(mode)))
+            assert guard["policies"] == guard["wanted"] == len(our_policies(a))
+            capture = Capture(started, b, sandbox.workdir / f"b-{str(mode).replace('/', '_')}.pcap")
+            time.sleep(1.0)
+            lines = capture.stop()
+            arrived = {mark for mark, sport in SENDER_MARKS.items()
+                       if any(f"{a.address}.{sport} > " in line for line in lines)}
+            assert arrived == set(SENDER_MARKS) - dropped, f"mode {mode}: arrived from marks {sorted(arrived)}"
+    finally:
+        for sender in senders:
+            sender.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,19 @@ def test_ovsdb_server_restart_changes_nothing_in_charon(two_hosts):
     a.wait_ike_up("after", timeout=60)
     assert a.tunnel("tun")["ike_sas"] > 0
     assert ike_sa_ids(a)[conn] == sa
+
+
+def test_the_control_socket_is_private_whatever_the_umask(sandbox):
+    """Anyone who can connect can call `exit`, which removes every tunnel's encryption."""
+    import stat
+
+    a = sandbox.add_host("a", "10.231.0.1/24")
+    a.start_ovsdb()
+    a.start_charon()
+    previous = os.umask(0)
+    try:
+        a.start_monitor()
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE(os.stat(a.unixctl).st_mode)
+    assert mode & 0o077 == 0, oct(mode)

@@ -109,8 +109,10 @@ def _encrypting_events(previous: StatusSnapshot, current: StatusSnapshot, now: f
     before, after = _all_encrypting(previous), _all_encrypting(current)
     if after and not before:
         count = len(current.tunnels)
+        # Upstream's own words first: OpenShift's CI greps the log for "Connections for all(N)".
         return (Event("all_tunnels_encrypting", now, (
-            ("tunnels", count), ("message", f"all {count} configured tunnels are encrypting"))),)
+            ("tunnels", count), ("message", f"Connections for all({count}) configured tunnels are Up: "
+                                            f"all {count} configured tunnels are encrypting"))),)
     if before and not after and current.tunnels:
         waiting = sorted(t.name for t in current.tunnels if not t.encrypting)
         return (Event("not_all_tunnels_encrypting", now, (

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model import IkeOptions
-from ..text import shown
+from ..text import printable, shown
 from . import fields as parse
 from .fields import Reject
 
@@ -154,7 +154,7 @@ def ike_options(options: Mapping[str, str]) -> IkeOptions:
         lookup = name.replace("-", "").replace("_", "").lower() if _KEY.fullmatch(name) else None
         spec = SPECS.get(lookup) if lookup is not None else None
         if spec is None:
-            ignored.append((shown(key, 64)[1:-1], _why_ignored(lookup)))
+            ignored.append((printable(key[:64]), _why_ignored(lookup)))  # the key as set, shown escaped
             continue
         parsed = spec.parse(value, key)
         if spec.field in chosen and chosen[spec.field][1] != parsed:

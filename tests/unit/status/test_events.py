@@ -70,7 +70,8 @@ def test_all_tunnels_encrypting_is_one_line_when_it_starts_and_one_when_it_stops
     assert "all_tunnels_encrypting" in kinds(events_between(StatusSnapshot.empty(), one_up, 1000))
     (line,) = [logfmt(e) for e in events_between(StatusSnapshot.empty(), one_up, 1000)
                if e.kind == "all_tunnels_encrypting"]
-    assert line == 'event=all_tunnels_encrypting tunnels=2 message="all 2 configured tunnels are encrypting"'
+    assert line == ('event=all_tunnels_encrypting tunnels=2 message="Connections for all(2) configured tunnels '
+                    'are Up: all 2 configured tunnels are encrypting"')
     down = snapshot(GNV, other, previous=one_up, now=1010)
     (stopped,) = [e for e in events_between(one_up, down, 1010) if e.kind == "not_all_tunnels_encrypting"]
     assert stopped.warning and dict(stopped.fields)["not_encrypting"] == "gnv0,gnv1"
