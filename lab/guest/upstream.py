@@ -115,7 +115,14 @@ charon {{
 """)
         for name in ("ipsec.conf", "ipsec.secrets"):
             (r / "etc" / name).touch()
-        (r / "usr/sbin/ipsec").symlink_to(STRONGSWAN_IPSEC)
+        # strongSwan's `ipsec restart` runs `$IPSEC_SBINDIR/ipsec stop` and `... start`, which in the
+        # image is LibreSwan's: this root's copy names itself instead.
+        script = Path(STRONGSWAN_IPSEC).read_text()
+        if 'IPSEC_SBINDIR="/usr/sbin"' not in script:
+            raise RuntimeError(f"{STRONGSWAN_IPSEC}: no IPSEC_SBINDIR line to point at {r}/usr/sbin")
+        ipsec = r / "usr/sbin/ipsec"
+        ipsec.write_text(script.replace('IPSEC_SBINDIR="/usr/sbin"', f'IPSEC_SBINDIR="{r}/usr/sbin"', 1))
+        ipsec.chmod(0o755)
 
     def trust_ca(self, cacert: Path) -> None:
         """strongSwan: the CA into /etc/ipsec.d/cacerts (the tutorial's step), then charon rereads."""
@@ -188,4 +195,5 @@ def _section(show: str, tunnel: str) -> str:
 
 def _redact(text: str) -> str:
     """Upstream prints the PSK in tunnels/show; the scenario's files do not keep it."""
-    return re.sub(r"^(  PSK:\s+)(?!None$).*$", r"\1<redacted by the lab>", text, flags=re.M)
+    # [ \t]+ then \S: the whole gap is consumed, so "None" (no PSK) is seen and kept.
+    return re.sub(r"^(  PSK:[ \t]+)(?!None$)\S.*$", r"\1<redacted by the lab>", text, flags=re.M)
