@@ -187,7 +187,7 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
             with ThreadPoolExecutor(max_workers=2) as pool:
                 list(pool.map(lambda pair: configure(sc, control, *pair), zip(monitors, (h2, h1), strict=True)))
         steps("establish")
-        trigger = start_trigger(topology) if sc.trap_only else None
+        trigger = start_trigger(topology, monitors) if sc.trap_only else None
         established, _ = wait_established(monitors)
         if trigger:
             trigger.result()
@@ -290,13 +290,25 @@ def configure(sc: scenarios.Scenario, control, monitor, peer: Host) -> None:
     host.add_tunnel(sc, peer, options)
 
 
-def start_trigger(topology: Topology):
+def start_trigger(topology: Topology, monitors: list):
     """The first overlay packets, from h1, while the runner waits for the SAs: in a trap-only
-    scenario (Scenario.trap_only) they are what starts IKE, as a VM's first packet would."""
+    scenario (Scenario.trap_only) they are what starts IKE, as a VM's first packet would. They
+    start once every monitor has loaded the tunnel's connections (its trap is in): a packet sent
+    before that leaves in the clear because nothing is configured yet, which would be the lab's
+    doing, not the monitor's."""
     h1, h2 = topology.hosts
+
+    def loaded(m) -> bool:
+        entry = next((t for t in _ask(m.poll).get("tunnels", []) if t.get("name") == m.tunnel), None)
+        return bool(entry) and entry.get("state") in ("loaded", "negotiating", "established")
+
+    def trigger():
+        wait_for(lambda: all(loaded(m) for m in monitors), timeout=ESTABLISH_TIMEOUT / 2, interval=0.5)
+        return h1.sh.run(["ping", "-c", "8", "-i", "1", "-W", "1", h2.overlay_ip], netns=h1.name,
+                         check=False, timeout=30)
+
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(lambda: h1.sh.run(["ping", "-c", "8", "-i", "1", "-W", "1", h2.overlay_ip],
-                                           netns=h1.name, check=False, timeout=30))
+    future = pool.submit(trigger)
     pool.shutdown(wait=False)
     return future
 
