@@ -52,6 +52,8 @@ class Scenario:
     # "established conns survive a third host joining": h1, h2 and h3 on one switch; once h1-h2 is up,
     # h3 joins with a tunnel to h1 (guest/third.py), and the h1-h2 SAs must not change.
     third_host: bool = False
+    # Not in the default run (make check); `lab/run.sh --extended`, `--full` or `--only` runs it.
+    extended: bool = False
 
     def __post_init__(self):
         for value, allowed in ((self.tunnel, TUNNELS), (self.auth, AUTHS),
@@ -103,7 +105,8 @@ class Scenario:
         return {"name": self.name, "tunnel": self.tunnel, "auth": self.auth, "backend": self.backend,
                 "underlay": self.underlay, "options": dict(self.options), "expect": self.expect,
                 "control": self.control, "upstream": self.upstream, "local_ip": self.local_ip,
-                "peer_delay": self.peer_delay, "third_host": self.third_host}
+                "peer_delay": self.peer_delay, "third_host": self.third_host,
+                "extended": self.extended}
 
 
 def load(path: Path) -> list:

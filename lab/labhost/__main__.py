@@ -19,6 +19,8 @@ def parse_args(argv):
                                   "(default: each distribution's plan in lab/scenarios.toml)")
     p.add_argument("--full", action="store_true",
                    help="every scenario on every selected distribution (make lab-full), not just the plan")
+    p.add_argument("--extended", action="store_true",
+                   help="also the scenarios marked extended = true (slower; not part of make check)")
     p.add_argument("--golden", action="store_true",
                    help="also capture the IKE daemons' outputs for tests/unit/golden (lab/results/<distro>/golden/)")
     p.add_argument("--build-only", action="store_true", help="build or refresh the cached images, do not boot")
@@ -103,7 +105,10 @@ def select(args, scenarios: list, plans: dict) -> list:
     plan = []
     for distro in distros:
         chosen = only or (None if args.full else plans.get(distro.name))
-        plan.append((distro, [s for s in scenarios if chosen is None or s["name"] in chosen]))
+        # extended = true: only when named, with --full or with --extended (not in make check).
+        wanted = only or args.full or args.extended
+        plan.append((distro, [s for s in scenarios if (chosen is None or s["name"] in chosen)
+                              and (wanted or not s.get("extended"))]))
     return plan
 
 
