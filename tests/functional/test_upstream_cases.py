@@ -19,6 +19,7 @@ from collections import Counter
 
 import pytest
 
+from testsupport.daemons import LibreSwan, StrongSwan
 from testsupport.procs import wait_for
 from testsupport.tunnels import (
     add_tunnel,
@@ -162,6 +163,9 @@ def test_root_ipsec_conf_and_default_crypto(sandbox, swan):
 
 # -- 4. a peer that appears late ------------------------------------------------------------------
 
+# Upstream runs it on LibreSwan; make check too (strongSwan with make functional-upstream).
+@pytest.mark.parametrize("swan", [pytest.param(StrongSwan(), marks=pytest.mark.upstream_full), LibreSwan()],
+                         ids=lambda swan: swan.name, indirect=True)
 @pytest.mark.parametrize("family", [4, pytest.param(6, marks=pytest.mark.upstream_full)], ids=["ipv4", "ipv6"])
 def test_a_peer_that_appears_late_comes_up_and_nothing_flaps_meanwhile(sandbox, swan, family):
     """upstream: "ipv4|ipv6, reconciliation interval". a is configured while its peer does not exist;
