@@ -4,7 +4,7 @@ PYTEST := $(PYTHON) -m pytest
 
 COVERAGE := $(PYTHON) -m coverage
 
-.PHONY: setup demo demo-ovn check lint unit functional functional-upstream lab-upstream fuzz lab lab-full bench
+.PHONY: setup demo demo-ovn check lint unit functional functional-upstream fuzz lab lab-full lab-upstream bench deb
 
 setup:
 	@scripts/setup.sh
@@ -52,7 +52,8 @@ fuzz: setup
 lab: setup
 	lab/run.sh
 
-# Every scenario on every distribution (Debian 12 and Debian 13): about 15 minutes.
+# Every scenario on every distribution (Debian 12 and Debian 13), the extended systemd-host ones
+# too (reboot without the guard, every auth mode of the switch from upstream, rollback).
 lab-full: setup
 	lab/run.sh --full
 
@@ -61,3 +62,7 @@ lab-upstream: setup
 
 bench: setup
 	$(PYTHON) bench/run.py
+
+# The Debian package (dpkg-buildpackage + debhelper): build/deb/ovs-ipsec_<version>_amd64.deb.
+deb:
+	@scripts/build-deb.sh

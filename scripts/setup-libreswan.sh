@@ -2,7 +2,7 @@
 # LibreSwan for the tests, without installing it: Debian's libreswan package conflicts with
 # strongSwan (which the project also needs), so its .deb is downloaded and extracted into a cache
 # folder, and its runtime dependencies (none of which conflict) are installed as usual. The
-# sandbox runs pluto from there in a private mount namespace (see ovs_ipsec.sandbox).
+# sandbox runs pluto from there in a private mount namespace (see testsupport/pluto.py).
 # Idempotent: quick when everything is in place. LIBRESWAN_ROOT overrides the cache folder.
 set -euo pipefail
 

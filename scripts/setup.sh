@@ -12,6 +12,7 @@ PACKAGES=(
   libcharon-extra-plugins strongswan-pki
   ovn-central ovn-host
   tcpdump iproute2 iputils-ping openssl python3 python3-venv python3-pip
+  debhelper dpkg-dev fakeroot   # make deb (tests/packaging), the systemd-host lab
 )
 
 missing=()

@@ -145,7 +145,24 @@ def _ping_counts(topology: Topology, out: Path) -> tuple[int, int]:
     return counts["ping_sent"], counts["ping_received"]
 
 
+def run_systemd_scenario(sc: scenarios.Scenario) -> dict:
+    """host = "systemd": two systemd-nspawn machines booting Debian's systemd (guest/systemd_lab.py)."""
+    import systemd_lab
+
+    out = RESULTS / sc.name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.monotonic()
+    say(f"[{sc.name}] start: systemd hosts, {sc.expect}, {sc.tunnel}/{sc.auth}, skb_mark {sc.skb_mark or 'unset'}")
+    result = systemd_lab.run_scenario(sc, out, Shell(out / "commands.log"))
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
+    if sc.host == "systemd":
+        return run_systemd_scenario(sc)
     out = RESULTS / sc.name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

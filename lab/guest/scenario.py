@@ -11,8 +11,14 @@ TUNNELS = ("gre", "geneve", "vxlan")
 # certificates (other_config:ca_cert + options:remote_name); ca-rsa: the same with RSA keys, as
 # upstream's ovs-pki makes them (upstream peers need them). How: guest/auth.py.
 AUTHS = ("psk", "cert", "ca", "ca-rsa")
-# What a scenario must show to pass; the rules are in runner.EXPECTATIONS.
-EXPECTS = ("encrypted", "guarded", "last-good")
+# What a scenario must show to pass; the rules are in runner.EXPECTATIONS (netns hosts) and
+# systemd_lab.EXPECTATIONS (systemd hosts).
+EXPECTS = ("encrypted", "guarded", "last-good", "lifecycle", "upgrade", "reboot")
+# Where the two hosts run: netns (network namespaces of the VM, daemons started by the runner) or
+# systemd (systemd-nspawn machines booting Debian's systemd, our .deb installed with apt; see
+# guest/systemd_lab.py). systemd hosts need the host image (labhost/hostimage.py), booted apart.
+HOSTS = ("netns", "systemd")
+SYSTEMD_EXPECTS = ("lifecycle", "upgrade", "reboot")
 # libreswan-custom-conf: pluto reads a read-only root ipsec.conf that includes the monitor's
 # --ipsec-conf, and the monitor runs with --root-ipsec-conf and --use-default-crypto.
 BACKENDS = ("strongswan", "libreswan", "libreswan-custom-conf")
@@ -43,6 +49,11 @@ class Scenario:
     options: dict = field(default_factory=dict)
     expect: str = "encrypted"
     control: str = "ovs-vsctl"
+    host: str = "netns"
+    # Not in the default run (make check); `lab/run.sh --full` or `--only` runs it.
+    extended: bool = False
+    # other_config:ipsec_skb_mark on both hosts (systemd scenarios; "" = unset).
+    skb_mark: str = ""
     # Upstream's cases (issue 13): who runs upstream's monitor (UPSTREAM_HOSTS); tunnels without
     # local_ip (each host then has a default route via its peer, as upstream's harness); the peer
     # configured this many seconds after h1 (its daemons started then too).
@@ -52,13 +63,11 @@ class Scenario:
     # "established conns survive a third host joining": h1, h2 and h3 on one switch; once h1-h2 is up,
     # h3 joins with a tunnel to h1 (guest/third.py), and the h1-h2 SAs must not change.
     third_host: bool = False
-    # Not in the default run (make check); `lab/run.sh --extended`, `--full` or `--only` runs it.
-    extended: bool = False
 
     def __post_init__(self):
         for value, allowed in ((self.tunnel, TUNNELS), (self.auth, AUTHS),
                                (self.backend, BACKENDS), (self.underlay, tuple(UNDERLAYS)),
-                               (self.expect, EXPECTS), (self.control, CONTROLS),
+                               (self.expect, EXPECTS), (self.control, CONTROLS), (self.host, HOSTS),
                                (self.upstream, UPSTREAM_HOSTS)):
             if value not in allowed:
                 raise ValueError(f"scenario {self.name}: {value!r} is not one of {', '.join(allowed)}")
@@ -68,6 +77,10 @@ class Scenario:
                                       or self.expect != "encrypted"):
             raise ValueError(f"scenario {self.name}: OVN needs tunnel geneve or vxlan, auth ca, "
                              "no options and expect encrypted")
+        if (self.host == "systemd") != (self.expect in SYSTEMD_EXPECTS) or \
+                (self.host == "systemd" and (self.backend != "strongswan" or self.control != "ovs-vsctl")):
+            raise ValueError(f"scenario {self.name}: expect {', '.join(SYSTEMD_EXPECTS)} is for host = "
+                             "\"systemd\" (strongswan, ovs-vsctl), and systemd hosts need one of them")
         if self.upstream and (self.control != "ovs-vsctl" or self.expect != "encrypted" or self.auth in ("ca", "cert")
                               or self.backend not in ("strongswan", "libreswan")):
             raise ValueError(f"scenario {self.name}: an upstream peer needs ovs-vsctl, expect encrypted, auth psk "
@@ -104,9 +117,9 @@ class Scenario:
     def summary(self) -> dict:
         return {"name": self.name, "tunnel": self.tunnel, "auth": self.auth, "backend": self.backend,
                 "underlay": self.underlay, "options": dict(self.options), "expect": self.expect,
-                "control": self.control, "upstream": self.upstream, "local_ip": self.local_ip,
-                "peer_delay": self.peer_delay, "third_host": self.third_host,
-                "extended": self.extended}
+                "control": self.control, "host": self.host, "extended": self.extended,
+                "skb_mark": self.skb_mark, "upstream": self.upstream, "local_ip": self.local_ip,
+                "peer_delay": self.peer_delay, "third_host": self.third_host}
 
 
 def load(path: Path) -> list:

@@ -1,6 +1,7 @@
 """lab/run.sh entry point: build (cached), boot once per distribution, run the scenarios, report."""
 
 import argparse
+import dataclasses
 import fcntl
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import time
 import tomllib
 
-from . import image, paths, report, vm
+from . import hostimage, image, paths, report, vm
 from .util import LabError, log
 
 
@@ -18,9 +19,7 @@ def parse_args(argv):
     p.add_argument("--only", help="comma-separated scenario names, run on every selected distribution "
                                   "(default: each distribution's plan in lab/scenarios.toml)")
     p.add_argument("--full", action="store_true",
-                   help="every scenario on every selected distribution (make lab-full), not just the plan")
-    p.add_argument("--extended", action="store_true",
-                   help="also the scenarios marked extended = true (slower; not part of make check)")
+                   help="every scenario on every selected distribution, the extended ones too (make lab-full)")
     p.add_argument("--golden", action="store_true",
                    help="also capture the IKE daemons' outputs for tests/unit/golden (lab/results/<distro>/golden/)")
     p.add_argument("--build-only", action="store_true", help="build or refresh the cached images, do not boot")
@@ -74,7 +73,7 @@ def load_scenarios() -> list:
 
 def load_plans() -> dict:
     """[plan] of lab/scenarios.toml: {distribution: scenario names} that lab/run.sh runs without
-    --full or --only; a distribution not named there runs every scenario."""
+    --full or --only; a distribution not named there runs every scenario not marked `extended`."""
     plans = tomllib.loads(paths.SCENARIOS.read_text()).get("plan", {})
     unknown = set(plans) - set(image.DISTROS)
     if unknown:
@@ -105,54 +104,68 @@ def select(args, scenarios: list, plans: dict) -> list:
     plan = []
     for distro in distros:
         chosen = only or (None if args.full else plans.get(distro.name))
-        # extended = true: only when named, with --full or with --extended (not in make check).
-        wanted = only or args.full or args.extended
-        plan.append((distro, [s for s in scenarios if (chosen is None or s["name"] in chosen)
-                              and (wanted or not s.get("extended"))]))
+        selected = [s for s in scenarios if s["name"] in chosen] if chosen is not None else \
+            [s for s in scenarios if args.full or not s.get("extended")]
+        if distro.name not in hostimage.DISTROS:
+            skipped = [s["name"] for s in selected if s.get("host") == "systemd"]
+            if skipped:
+                log(f"{distro.name}: no systemd host image (only {', '.join(hostimage.DISTROS)}); "
+                    f"skipping {', '.join(skipped)}")
+            selected = [s for s in selected if s.get("host") != "systemd"]
+        plan.append((distro, selected))
     return plan
 
 
 def run(args, plan: list) -> int:
-    built = []
+    """One boot per distribution for the network-namespace scenarios (the base image), and one more
+    for the systemd-host scenarios (host = "systemd": the host image, labhost/hostimage.py), whose
+    files go to lab/results/<distro>-systemd/. One latest.json lists every boot."""
+    boots = []   # (name, scenarios, Images, build seconds)
     for distro, scenarios in plan:
         t0 = time.monotonic()
         images = image.build_all(distro, force_base=args.rebuild_base)
-        build_seconds = round(time.monotonic() - t0, 1)
-        log(f"{distro.name}: images ready in {build_seconds}s (kernel {images.kernel.version}, "
+        netns = [s for s in scenarios if s.get("host", "netns") == "netns"]
+        systemd = [s for s in scenarios if s.get("host") == "systemd"]
+        if netns or not systemd:
+            boots.append((distro.name, netns, images, round(time.monotonic() - t0, 1)))
+        if systemd:
+            t1 = time.monotonic()
+            host = hostimage.build_host_image(distro, images.kernel, hostimage.build_deb())
+            boots.append((f"{distro.name}-systemd", systemd, dataclasses.replace(images, base=host),
+                          round(time.monotonic() - t1, 1)))
+        log(f"{distro.name}: images ready in {round(time.monotonic() - t0, 1)}s (kernel {images.kernel.version}, "
             f"base {images.base.parent.name}, overlay {images.overlay.stem})")
-        built.append((images, scenarios, build_seconds))
     if args.build_only:
         return 0
 
-    # Keep only the last run's results: console, logs and pcaps of every scenario, per distribution.
+    # Keep only the last run's results: console, logs and pcaps of every scenario, per boot.
     shutil.rmtree(paths.RESULTS, ignore_errors=True)
     paths.RESULTS.mkdir(parents=True)
     if args.shell:
-        images, scenarios, _ = built[0]
-        folder = paths.RESULTS / images.distro.name
+        name, scenarios, images, _ = boots[-1]
+        folder = paths.RESULTS / name
         folder.mkdir()
         return vm.boot(images, folder, [*guest_args(args, scenarios), "lab_shell=1"], args.timeout,
                        interactive=True)
 
     results, runs = [], {}
-    for images, scenarios, build_seconds in built:
-        distro = images.distro.name
+    for name, scenarios, images, build_seconds in boots:
         if not scenarios:
             continue
-        folder = paths.RESULTS / distro
+        folder = paths.RESULTS / name
         folder.mkdir()
-        log(f"{distro}: booting the VM for {len(scenarios)} scenario(s); console: {folder / 'console.log'}")
+        log(f"{name}: booting the VM for {len(scenarios)} scenario(s); console: {folder / 'console.log'}")
         t1 = time.monotonic()
         qemu_rc = vm.boot(images, folder, guest_args(args, scenarios), args.timeout)
         vm_seconds = round(time.monotonic() - t1, 1)
-        kernel, versions, found = report.collect(folder / "console.log", scenarios, distro)
+        kernel, versions, found = report.collect(folder / "console.log", scenarios, images.distro.name)
         exit_file = folder / "guest-exit"
         guest_exit = exit_file.read_text().strip() if exit_file.exists() else None
-        runs[distro] = {"kernel": kernel or images.kernel.version, "versions": versions,
-                        "build_seconds": build_seconds, "vm_seconds": vm_seconds, "qemu_exit": qemu_rc,
-                        "guest_exit": guest_exit}
+        runs[name] = {"kernel": kernel or images.kernel.version, "versions": versions,
+                      "build_seconds": build_seconds, "vm_seconds": vm_seconds, "qemu_exit": qemu_rc,
+                      "guest_exit": guest_exit}
         results += found
-        log(f"{distro}: VM {vm_seconds}s, {sum(r['pass'] for r in found)}/{len(found)} passed")
+        log(f"{name}: VM {vm_seconds}s, {sum(r['pass'] for r in found)}/{len(found)} passed")
     report.write(paths.RESULTS / "latest.json", results, runs)
     print(report.table(results))
     log(f"results: {paths.RESULTS / 'latest.json'} ("
@@ -160,7 +173,7 @@ def run(args, plan: list) -> int:
     broken = [d for d, r in runs.items() if r["guest_exit"] != "0"]
     if broken:
         log(f"the guest runner did not finish cleanly on {', '.join(broken)}; "
-            f"see {paths.RESULTS}/<distro>/console.log")
+            f"see {paths.RESULTS}/<boot>/console.log")
         return 2
     return 0 if all(r["pass"] for r in results) else 1
 

@@ -12,12 +12,19 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 
 from .. import __version__
 from ..errors import OvsIpsecError
 
 MONITOR_PROGRAM = "ovs-monitor-ipsec"
 DEFAULT_DATABASE = "unix:/var/run/openvswitch/db.sock"
+# Where Debian, Ubuntu, RHEL and Fedora's Open vSwitch keep sockets, pidfiles and logs. The `ovs`
+# Python package has its own idea (PyPI's python-ovs: /usr/local/var/...), which need not match
+# the Open vSwitch actually installed; see ovs_dirs().
+SYSTEM_RUNDIR = "/var/run/openvswitch"
+SYSTEM_LOGDIR = "/var/log/openvswitch"
+DEFAULT_PIDFILE = object()  # a bare --pidfile: <rundir>/ovs-monitor-ipsec.pid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..pki import cli as pki_cli
 
     pki_cli.add_parser(commands)
+    # A packaged host's helpers (packaging/, debian/): the guard before ovs-vswitchd at boot, and the
+    # switch from Debian's openvswitch-ipsec.
+    from . import boot_guard, migrate
+
+    boot_guard.add_parser(commands)
+    migrate.add_parser(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -75,11 +88,37 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-default-crypto", action="store_true", help="LibreSwan only")
     ovs.vlog.add_args(parser)
     ovs.daemon.add_args(parser)
+    # ovs.daemon computes the bare --pidfile's name now, from the `ovs` package's run directory;
+    # run_monitor() names it once it knows the run directory of the Open vSwitch we serve.
+    for action in parser._actions:
+        if action.dest == "pidfile":
+            action.const = DEFAULT_PIDFILE
+            action.help = "create a pidfile (default: <rundir>/ovs-monitor-ipsec.pid)"
     parser.set_defaults(func=run_monitor)
+
+
+def ovs_dirs(database: str, environ: Mapping[str, str], package_rundir: str, package_logdir: str,
+             isdir=os.path.isdir) -> tuple[str, str]:
+    """(rundir, logdir) of the Open vSwitch we serve, whatever `ovs` Python package is imported.
+
+    The run directory is where that Open vSwitch's tools look for our pidfile and control socket
+    (`ovs-appctl -t ovs-monitor-ipsec`): $OVS_RUNDIR as for every OVS tool, else the folder of the
+    database socket we were given (ovs-ctl and the units put db.sock in the run directory), else
+    the `ovs` package's own directory if it exists, else the system one. Logs likewise:
+    $OVS_LOGDIR, else the package's directory if it exists, else /var/log/openvswitch.
+    """
+    rundir = environ.get("OVS_RUNDIR")
+    if not rundir and database.startswith("unix:") and isdir(os.path.dirname(database[len("unix:"):])):
+        rundir = os.path.dirname(database[len("unix:"):])
+    if not rundir:
+        rundir = package_rundir if isdir(package_rundir) else SYSTEM_RUNDIR
+    logdir = environ.get("OVS_LOGDIR") or (package_logdir if isdir(package_logdir) else SYSTEM_LOGDIR)
+    return rundir, logdir
 
 
 def run_monitor(args: argparse.Namespace) -> int:
     import ovs.daemon
+    import ovs.dirs
     import ovs.vlog
 
     from ..backends.base import Backend
@@ -96,7 +135,14 @@ def run_monitor(args: argparse.Namespace) -> int:
     from ..status.metrics import MetricsServer, parse_address
     from . import logbridge
 
-    logbridge.install("ovs_ipsec")  # vlog modules must exist before vlog is initialised
+    # Before any default path is derived (--pidfile, --log-file, the control socket): ovs.daemon,
+    # ovs.vlog and ovs.unixctl read these two attributes when they build a default name.
+    ovs.dirs.RUNDIR, ovs.dirs.LOGDIR = ovs_dirs(args.database, os.environ, ovs.dirs.RUNDIR, ovs.dirs.LOGDIR)
+    if args.pidfile is DEFAULT_PIDFILE:
+        args.pidfile = ovs.daemon.make_pidfile_name(None)
+    # Upstream's vlog module name, so `-vovs-monitor-ipsec:dbg` and `vlog/set ovs-monitor-ipsec:dbg`
+    # work as they do with upstream. Modules must exist before vlog is initialised.
+    logbridge.install(MONITOR_PROGRAM)
     ovs.vlog.handle_args(args)
     ovs.daemon.handle_args(args)
     vici_uri = args.vici_uri or f"unix://{args.root_prefix}/var/run/charon.vici"
@@ -106,8 +152,11 @@ def run_monitor(args: argparse.Namespace) -> int:
         metrics = MetricsServer(parse_address(args.metrics_address)) if args.metrics_address else None
         events = EventLog(logging.getLogger("ovs_ipsec.events"),  # absolute: daemonize may chdir to /
                           os.path.abspath(args.events_file) if args.events_file else None)
-        # Fork before any thread starts: threads do not survive fork().
-        ovs.daemon.daemonize()
+        # Fork before any thread starts (threads do not survive fork()), but tell the parent we are
+        # up only once the control socket exists: until daemonize_complete() the parent waits and
+        # exits with our status, so with --detach a fatal error still fails the start (systemd's
+        # Type=forking sees it) instead of exiting 0 and leaving a silent restart loop.
+        ovs.daemon.daemonize_start()
         backend: Backend
         if args.ike_daemon == "libreswan":
             from ..backends.libreswan.backend import LibreSwanBackend
@@ -121,12 +170,20 @@ def run_monitor(args: argparse.Namespace) -> int:
         reconciler = Reconciler(backend, CertificateInspector(), queue, events=events, guard=guard,
                                 on_publish=wakeup.notify)
         worker = Worker(reconciler, queue, backend, clock=time.time)
-        Monitor(reader, worker, args.unixctl, wakeup=wakeup, metrics_server=metrics).run()
+        monitor = Monitor(reader, worker, args.unixctl, wakeup=wakeup, metrics_server=metrics)
+        ovs.daemon.daemonize_complete()
+        monitor.run()
     except OvsIpsecError as exc:
+        # Both places an operator looks: the log file (vlog) and stderr, which is the journal
+        # under systemd (still open: daemonize_complete() has not closed it yet).
+        logging.getLogger("ovs_ipsec.monitor").critical("cannot start: %s", exc)
         print(f"{MONITOR_PROGRAM}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
+    except Exception:
+        logging.getLogger("ovs_ipsec.monitor").critical("stopped by an unexpected error", exc_info=True)
+        raise
     return 0
 
 
@@ -152,16 +209,25 @@ def run_status(args: argparse.Namespace) -> int:
         return 0
 
 
-def default_unixctl_path() -> str:
+def default_unixctl_path(environ: Mapping[str, str] = os.environ) -> str:
+    """The running monitor's control socket, found through its pidfile as ovs-appctl finds it.
+
+    Looked for in $OVS_RUNDIR, the system run directory and the `ovs` package's own (which for
+    PyPI's python-ovs is /usr/local/var/run/openvswitch, not where a packaged monitor runs).
+    """
     import ovs.dirs
 
-    pidfile = os.path.join(ovs.dirs.RUNDIR, f"{MONITOR_PROGRAM}.pid")
-    try:
-        with open(pidfile) as handle:
-            pid = int(handle.read().strip())
-    except (OSError, ValueError) as exc:
-        raise OvsIpsecError(f"cannot find the monitor: {pidfile}: {exc} (use --unixctl)") from exc
-    return os.path.join(ovs.dirs.RUNDIR, f"{MONITOR_PROGRAM}.{pid}.ctl")
+    tried = []
+    for rundir in dict.fromkeys(filter(None, (environ.get("OVS_RUNDIR"), SYSTEM_RUNDIR, ovs.dirs.RUNDIR))):
+        pidfile = os.path.join(rundir, f"{MONITOR_PROGRAM}.pid")
+        try:
+            with open(pidfile) as handle:
+                pid = int(handle.read().strip())
+        except (OSError, ValueError) as exc:
+            tried.append(f"{pidfile}: {exc.strerror if isinstance(exc, OSError) else exc}")
+            continue
+        return os.path.join(rundir, f"{MONITOR_PROGRAM}.{pid}.ctl")
+    raise OvsIpsecError(f"cannot find the monitor ({'; '.join(tried)}); is it running? (or use --unixctl)")
 
 
 def query_status(path: str, timeout: int = 10) -> dict:
