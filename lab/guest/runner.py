@@ -282,7 +282,8 @@ def bring_up(monitors: list, backend) -> None:
 def make_monitor(sc: scenarios.Scenario, backend, host: Host, peer: Host):
     """Ours, or Debian's upstream ovs-monitor-ipsec on the host the scenario names (guest/upstream.py)."""
     if sc.upstream == host.name:
-        return upstream.UpstreamMonitor(host, backend, tunnel_name(sc, peer), peer)
+        return upstream.UpstreamMonitor(host, backend, tunnel_name(sc, peer), peer,
+                                        children=1 if sc.tunnel == "gre" else 2)
     return Monitor(host, backend, tunnel_name(sc, peer))
 
 

@@ -41,8 +41,11 @@ class UpstreamMonitor:
     logs = ("upstream-ovs-monitor-ipsec.log", "upstream-monitor.out", "upstream-charon.log",
             "upstream-tunnels-show.txt", "upstream-ipsec.conf")
 
-    def __init__(self, host: Host, backend, tunnel: str, peer: Host):
+    def __init__(self, host: Host, backend, tunnel: str, peer: Host, children: int = 2):
         self.host, self.backend, self.tunnel, self.peer = host, backend, tunnel, peer
+        # Child SAs that make the tunnel encrypting: upstream has one connection for GRE, two
+        # (tun-in-1, tun-out-1: one per UDP port direction) for Geneve and VXLAN.
+        self.children = children
         self.strongswan = backend.name == "strongswan"
         self.root = host.dir / "upstream-root" if self.strongswan else backend.root(host)
         self.pidfile = host.dir / "upstream-ovs-monitor-ipsec.pid"
@@ -158,11 +161,13 @@ charon {{
             auth = "peer-cert"
         else:
             auth = "ca-cert" if field.get("CA cert", "None") != "None" else None
-        established = sas["in"] > 0 and sas["out"] > 0
+        # Each child SA is one ESP SA each way in the kernel.
+        established = min(sas["in"], sas["out"]) >= self.children
         state = "established" if established else ("loaded" if "(CONFIGURED)" in section else "pending")
         active = section.split("IPsec connections that are active:", 1)[-1].strip().splitlines() if section else []
         return {"implementation": "upstream ovs-monitor-ipsec", "tunnels": [{
-            "name": self.tunnel, "state": state, "child_sas": sas["in"] + sas["out"], "esp_sas": sas, "auth": auth,
+            "name": self.tunnel, "state": state, "encrypting": established, "child_sas": sas["in"] + sas["out"],
+            "esp_sas": sas, "auth": auth,
             "remote_name": None if field.get("Remote name", "None") == "None" else field.get("Remote name"),
             "upstream_active_connections": [line.strip() for line in active]}]}
 
