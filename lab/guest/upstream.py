@@ -64,8 +64,9 @@ class UpstreamMonitor:
 
     def start(self) -> None:
         h, d, r = self.host, self.host.dir, self.root
+        # Info, not debug: at debug upstream logs every OVSDB update, PSKs included.
         common = [f"--root-prefix={r}", f"--pidfile={self.pidfile}", f"--log-file={d}/upstream-ovs-monitor-ipsec.log",
-                  "--detach", "--no-chdir", "-vconsole:off", "-vfile:dbg", h.db]
+                  "--detach", "--no-chdir", "-vconsole:off", "-vfile:info", h.db]
         for sub in ("usr/sbin", "sbin"):
             (r / sub).mkdir(parents=True, exist_ok=True)
         if not (r / "sbin/ip").exists():   # its tunnels/show runs <root>/sbin/ip (and dies without it)
