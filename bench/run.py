@@ -619,10 +619,16 @@ def main() -> int:
                         "(experiments, e.g. '-vsyslog:off')")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--keep", action="store_true", help="keep the sandboxes' logs under /tmp/oib")
+    parser.add_argument("--only", choices=("scale", "userspace-esp"),
+                        help="run one section: the monitor's scale matrix, or userspace ESP throughput "
+                             "(default: both, userspace ESP last)")
+    parser.add_argument("--esp-seconds", type=float, default=5.0, help="userspace ESP: seconds per cell")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces)", file=sys.stderr)
         return 1
+    if args.only == "userspace-esp":
+        return userspace_esp_section(args)
     impls = [i for i in args.impl.split(",") if i]
     ikes = [i for i in args.ike.split(",") if i]
     if set(ikes) - set(IKES):
@@ -682,6 +688,23 @@ def main() -> int:
     import report
 
     report.write(out / "latest.json", out)
+    if args.only is None:
+        return userspace_esp_section(args)
+    return 0
+
+
+def userspace_esp_section(args: argparse.Namespace) -> int:
+    """Userspace ESP against plain forwarding through the same bump (bench/userspace_esp.py), in
+    results/userspace_esp.{json,md}, so running it alone leaves the scale figures untouched."""
+    import userspace_esp
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log("userspace ESP throughput")
+    result = {"machine": machine(), **userspace_esp.run(args.esp_seconds, WORKDIR / "userspace-esp")}
+    (out / "userspace_esp.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "userspace_esp.md").write_text(userspace_esp.table(result))
+    print(userspace_esp.table(result))
     return 0
 
 

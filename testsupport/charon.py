@@ -14,13 +14,30 @@ from pathlib import Path
 from .procs import kill_pid, socket_answers, unlink, wait_for
 
 CHARON = "/usr/sbin/charon-systemd"
-# Plugins charon needs for IKEv2 with PSK or certificates, AES-GCM ESP and the kernel's xfrm
-# (kdf provides prf+ for IKE key derivation; without it: "key derivation failed").
+# Plugins charon needs for IKEv2 with PSK or certificates, AES-GCM ESP and the kernel's xfrm, in
+# load (priority) order (kdf provides prf+ for IKE key derivation to strongSwan 5.9.8; without it:
+# "key derivation failed").
 CHARON_PLUGINS = ("random nonce openssl pem pkcs1 pkcs8 x509 revocation constraints pubkey aes sha1 sha2 "
-                  "hmac gcm kdf curve25519 kernel-netlink socket-default vici")
+                  "hmac gcm kdf curve25519 kernel-netlink socket-default vici updown")
+# strongSwan's own implementations of what its openssl plugin also provides: Debian 12 (5.9.8) ships
+# them, Debian 13 (6.0.1) builds none of them (its openssl plugin provides AES, SHA, HMAC, the KDFs
+# and X25519). They are loaded where they exist, as is updown (scripts on SA events); every other
+# plugin must exist: charon itself only logs a missing plugin, and the failure would show far away.
+CHARON_OPTIONAL_PLUGINS = ("aes", "sha1", "sha2", "hmac", "kdf", "curve25519", "updown")
+CHARON_PLUGIN_DIR = Path("/usr/lib/ipsec/plugins")
+
+
+def charon_plugins(plugin_dir: Path = CHARON_PLUGIN_DIR) -> str:
+    """CHARON_PLUGINS as this system's charon has them (see CHARON_OPTIONAL_PLUGINS)."""
+    wanted = CHARON_PLUGINS.split()
+    present = {p for p in wanted if (plugin_dir / f"libstrongswan-{p}.so").exists()}
+    missing = [p for p in wanted if p not in present and p not in CHARON_OPTIONAL_PLUGINS]
+    if missing:
+        raise RuntimeError(f"charon plugins missing from {plugin_dir}: {', '.join(missing)}")
+    return " ".join(p for p in wanted if p in present)
 
 STRONGSWAN_CONF = """\
-# strongSwan for test host {name}; written by testsupport/charon.py
+# strongSwan for host {name} (tests, demos, bench, lab); written by testsupport/charon.py
 charon-systemd {{
   load_modular = no
   load = {plugins}
@@ -61,7 +78,7 @@ swanctl {{
 
 
 def strongswan_conf(name: str, workdir: Path | str, extra: str = "", detail: int = 1) -> str:
-    return STRONGSWAN_CONF.format(name=name, plugins=CHARON_PLUGINS, extra=extra, vici=f"{workdir}/charon.vici",
+    return STRONGSWAN_CONF.format(name=name, plugins=charon_plugins(), extra=extra, vici=f"{workdir}/charon.vici",
                                   log=f"{workdir}/charon.log", detail=detail)
 
 

@@ -34,9 +34,30 @@ def socket_answers(path: str) -> bool:
 
 def read_pid(pidfile: Path | str) -> int | None:
     try:
-        return int(Path(pidfile).read_text().strip())
-    except (OSError, ValueError):
+        return int(Path(pidfile).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def stop_pid(pid: int, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    """Stop one process we started: `sig`, then SIGKILL if it is still there after `grace` seconds."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    if not wait_gone(pid, grace):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        wait_gone(pid, grace)
+
+
+def stop_pidfile(pidfile: Path | str, grace: float = 5.0) -> None:
+    """Stop a daemon that wrote its pid with --pidfile (ovsdb-server, ovs-vswitchd, the monitor)."""
+    pid = read_pid(pidfile)
+    if pid is not None:
+        stop_pid(pid, grace=grace)
 
 
 def kill_pidfile(pidfile: Path | str, sig: int = signal.SIGTERM) -> None:
@@ -53,22 +74,28 @@ def kill_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
     wait_gone(pid, timeout)
 
 
-def wait_gone(pid: int, timeout: float) -> None:
+def wait_gone(pid: int, timeout: float) -> bool:
+    """True once the process is gone (or a zombie), False if it is still there after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             finished, _ = os.waitpid(pid, os.WNOHANG)  # reap our own children
             if finished:
-                return
+                return True
         except ChildProcessError:
             pass
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         if is_zombie(pid):
-            return
+            return True
         time.sleep(0.05)
+    return False
+
+
+def is_alive(pid: int) -> bool:
+    return not is_zombie(pid)
 
 
 def is_zombie(pid: int) -> bool:

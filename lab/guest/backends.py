@@ -11,65 +11,7 @@ from pathlib import Path
 from hosts import Host
 from proc import stop_pid, wait_for
 
-# Plugins charon needs for IKEv2 with PSK or certificates, AES-GCM ESP and the kernel's xfrm, in
-# load (priority) order (kdf provides prf+ for IKE key derivation to strongSwan 5.9.8; without it:
-# "key derivation failed").
-CHARON_PLUGINS = ("random nonce openssl pem pkcs1 pkcs8 x509 revocation constraints pubkey "
-                  "aes sha1 sha2 hmac gcm kdf kernel-netlink socket-default vici updown")
-# strongSwan's own implementations of what its openssl plugin also provides. Debian 12 (5.9.8) ships
-# them; Debian 13 (6.0.1) builds none of them, its openssl plugin providing AES, SHA, HMAC and the
-# KDFs. They are loaded where they exist; every other plugin must exist (charon itself only logs a
-# missing plugin, and the scenario would then fail somewhere far from the cause).
-CHARON_OPTIONAL_PLUGINS = ("aes", "sha1", "sha2", "hmac", "kdf")
-CHARON_PLUGIN_DIR = Path("/usr/lib/ipsec/plugins")
-
-
-def charon_plugins() -> str:
-    """CHARON_PLUGINS as this system's charon has them (see CHARON_OPTIONAL_PLUGINS)."""
-    present = {p for p in CHARON_PLUGINS.split() if (CHARON_PLUGIN_DIR / f"libstrongswan-{p}.so").exists()}
-    missing = [p for p in CHARON_PLUGINS.split() if p not in present and p not in CHARON_OPTIONAL_PLUGINS]
-    if missing:
-        raise RuntimeError(f"charon plugins missing from {CHARON_PLUGIN_DIR}: {', '.join(missing)}")
-    return " ".join(p for p in CHARON_PLUGINS.split() if p in present)
-
-
-STRONGSWAN_CONF = """\
-# strongSwan for lab host {name}; written by lab/guest/backends.py
-charon-systemd {{
-  load_modular = no
-  load = {plugins}
-  # The monitor manages transport-mode SAs only; charon must not touch routes.
-  install_routes = no
-  install_virtual_ip = no
-  plugins {{
-    vici {{
-      socket = unix://{dir}/charon.vici
-    }}
-    kernel-netlink {{
-      # Transport SAs carry the tunnel's protocol and port as selectors, as the monitor's
-      # traffic selectors do: an SA then only matches that tunnel's traffic.
-      set_proto_port_transport_sa = yes
-    }}
-  }}
-  journal {{
-    default = -1
-  }}
-  filelog {{
-    lab {{
-      path = {dir}/charon.log
-      time_format = %T
-      flush_line = yes
-      default = 1
-      ike = 2
-      knl = 2
-      cfg = 2
-    }}
-  }}
-}}
-swanctl {{
-  socket = unix://{dir}/charon.vici
-}}
-"""
+from testsupport.charon import strongswan_conf   # the one strongswan.conf template (overlay: /opt/ovs-ipsec)
 
 
 class _Daemon:
@@ -104,7 +46,7 @@ class StrongSwan(_Daemon):
 
     def start(self, host: Host) -> None:
         conf = host.dir / "strongswan.conf"
-        conf.write_text(STRONGSWAN_CONF.format(name=host.name, dir=host.dir, plugins=charon_plugins()))
+        conf.write_text(strongswan_conf(host.name, host.dir, detail=2))
         self._spawn(host, "exec /usr/sbin/charon-systemd", self.vici(host), "charon.out",
                     env={"STRONGSWAN_CONF": str(conf)})
 

@@ -1,11 +1,16 @@
-"""Running commands inside the VM: every command is logged to the scenario's commands.log."""
+"""Running commands inside the VM: every command is logged to the scenario's commands.log.
+
+Processes are stopped with the project's one pid helper (testsupport.procs, in the overlay).
+"""
 
 import os
-import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+from testsupport.procs import is_alive as alive   # noqa: F401 - re-exported for the guest modules
+from testsupport.procs import stop_pid, stop_pidfile   # noqa: F401
 
 
 class CommandError(RuntimeError):
@@ -69,40 +74,6 @@ class Shell:
         with open(log, "w") as out:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env=dict(os.environ, **(env or {})), start_new_session=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"   # a zombie has exited already
-    except FileNotFoundError:
-        return False
-
-
-def stop_pid(pid: int, sig=signal.SIGTERM, grace: float = 5.0) -> None:
-    """Stop one process we started: SIGTERM, then SIGKILL after `grace` seconds."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def stop_pidfile(pidfile: Path, grace: float = 5.0) -> None:
-    """Stop a daemon that wrote its pid with --pidfile (ovsdb-server, ovs-vswitchd, the monitor)."""
-    try:
-        pid = int(pidfile.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return
-    stop_pid(pid, grace=grace)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The overlay's root, /opt/ovs-ipsec: the project's testsupport package (one charon template).
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import golden                                              # noqa: E402
 import guard                                               # noqa: E402
@@ -28,6 +30,8 @@ import ovn                                                 # noqa: E402
 import scenario as scenarios                                # noqa: E402
 import third                                                # noqa: E402
 import upstream                                             # noqa: E402
+import userspace                                           # noqa: E402
+import userspace_perf                                      # noqa: E402
 from auth import AUTH, PSK, STATUS_AUTH                     # noqa: E402
 from backends import BACKENDS                               # noqa: E402
 from capture import ESP, IKE, Capture                       # noqa: E402
@@ -48,7 +52,7 @@ KERNEL_MODULES = ("openvswitch vport-geneve vport-vxlan vport-gre geneve vxlan i
 # packets then plaintext on the wire, as a non-IPsec tunnel's are).
 EXPECTATIONS = {
     "encrypted": lambda r: (r["ping_ok"] and r["esp_packets"] > 0 and r["plaintext_packets"] == 0
-                            and r["status_ok"] and r["auth_ok"]),
+                            and r["status_ok"] and r["auth_ok"] and r.get("oracle_ok")),
 }
 EXPECTATIONS["last-good"] = lambda r: EXPECTATIONS["encrypted"](r) and r.get("last_good_ok")
 EXPECTATIONS["guarded"] = lambda r: (
@@ -178,8 +182,8 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
     events = golden.StrongSwanEvents(sc.name, backend, h1) if capture_golden and sc.backend == "strongswan" else None
     steps = Steps(sc.name, sh)
     result = {**sc.summary(), "ping_ok": False, "esp_packets": 0, "plaintext_packets": None,
-              "ike_packets": 0, "status_ok": False, "auth_ok": False, "pass": False, "error": None,
-              "status": {}, "checks": {}}
+              "ike_packets": 0, "status_ok": False, "auth_ok": False, "oracle_ok": False, "pass": False,
+              "error": None, "status": {}, "checks": {}}
     say(f"[{sc.name}] start: {sc.tunnel}/{sc.auth}/{sc.backend} by {sc.control}, {sc.underlay} underlay, "
         f"options {sc.options}")
     try:
@@ -243,6 +247,13 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
         say(f"[{sc.name}] ERROR in step {steps.current}: {e}")
     finally:
         steps("teardown")
+        # The oracle's keys: the SAs h1's kernel holds, read before anything stops (a stopping
+        # IKE daemon deletes them), kept in the VM's work folder, never in /results.
+        keys_from = None
+        try:
+            keys_from = userspace.save_xfrm_state(h1, work / "h1-xfrm-state.txt") if h1.dir.exists() else None
+        except Exception as e:
+            say(f"[{sc.name}] ip xfrm state: {e}")
         if events:
             _quietly(events.stop)
         try:
@@ -254,6 +265,10 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
                     result["esp_packets"], result["plaintext_packets"], result["ike_packets"] = \
                         (c.result() for c in counts)
                     (out / "underlay.txt").write_text(text.result())
+            # pcap-decrypt as an independent oracle: every ESP packet must decrypt with the kernel's
+            # keys to the scenario's tunnel type, carrying the overlay's ARP and pings only.
+            if result["esp_packets"] and keys_from:
+                result.update(userspace.kernel_oracle(sc, h1, capture.pcap, keys_from, out))
         except Exception as e:
             result["error"] = result["error"] or f"capture: {e}"
         teardown(topology, backend, control, monitors, out)
@@ -502,7 +517,10 @@ def main() -> int:
     say(f"running {len(selected)} scenario(s): {', '.join(s.name for s in selected)}")
     results = []
     for sc in selected:
-        res = run_scenario(sc, capture_golden=args.get("lab_golden") == "1")
+        if sc.control == "userspace-esp":
+            res = (userspace_perf if sc.expect == "throughput" else userspace).run(sc, RESULTS, WORK, say)
+        else:
+            res = run_scenario(sc, capture_golden=args.get("lab_golden") == "1")
         results.append(res)
         print("LAB-RESULT " + json.dumps(res), flush=True)
         say(f"[{sc.name}] {'PASS' if res['pass'] else 'FAIL'} in {res['seconds']}s")

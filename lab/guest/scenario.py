@@ -10,10 +10,10 @@ TUNNELS = ("gre", "geneve", "vxlan")
 # psk: options:psk; cert: self-signed certificates (options:remote_cert); ca: CA-signed
 # certificates (other_config:ca_cert + options:remote_name); ca-rsa: the same with RSA keys, as
 # upstream's ovs-pki makes them (upstream peers need them). How: guest/auth.py.
-AUTHS = ("psk", "cert", "ca", "ca-rsa")
+AUTHS = ("psk", "cert", "ca", "ca-rsa", "manual")  # manual: ESP keys set by hand (control = "userspace-esp")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS (netns hosts) and
 # systemd_lab.EXPECTATIONS (systemd hosts).
-EXPECTS = ("encrypted", "guarded", "last-good", "lifecycle", "upgrade", "reboot")
+EXPECTS = ("encrypted", "guarded", "last-good", "interop", "throughput", "lifecycle", "upgrade", "reboot")
 # Where the two hosts run: netns (network namespaces of the VM, daemons started by the runner) or
 # systemd (systemd-nspawn machines booting Debian's systemd, our .deb installed with apt; see
 # guest/systemd_lab.py). systemd hosts need the host image (labhost/hostimage.py), booted apart.
@@ -21,13 +21,15 @@ HOSTS = ("netns", "systemd")
 SYSTEMD_EXPECTS = ("lifecycle", "upgrade", "reboot")
 # libreswan-custom-conf: pluto reads a read-only root ipsec.conf that includes the monitor's
 # --ipsec-conf, and the monitor runs with --root-ipsec-conf and --use-default-crypto.
-BACKENDS = ("strongswan", "libreswan", "libreswan-custom-conf")
+BACKENDS = ("strongswan", "libreswan", "libreswan-custom-conf", "none")
 # Which host runs Debian's upstream ovs-monitor-ipsec instead of ours (guest/upstream.py): none, h1
 # (the lower address: upstream initiates, ours is the responder) or h2 (ours initiates).
 UPSTREAM_HOSTS = ("", "h1", "h2")
 # Who creates the tunnel: the operator with ovs-vsctl on each host, or OVN (guest/ovn.py: each
 # host an OVN chassis, ovn-controller makes the tunnel after `ovn-nbctl set nb_global . ipsec=true`).
-CONTROLS = ("ovs-vsctl", "ovn")
+# userspace-esp (guest/userspace.py): h1 a netdev hypervisor with our userspace ESP bump, h2 a
+# kernel-datapath one with manual kernel XFRM SAs holding the same keys.
+CONTROLS = ("ovs-vsctl", "ovn", "userspace-esp")
 UNDERLAYS = {
     # family: (host 1 address, host 2 address, prefix length)
     "ipv4": ("10.0.0.1", "10.0.0.2", 24),
@@ -77,6 +79,19 @@ class Scenario:
                                       or self.expect != "encrypted"):
             raise ValueError(f"scenario {self.name}: OVN needs tunnel geneve or vxlan, auth ca, "
                              "no options and expect encrypted")
+        # Userspace ESP (guest/userspace.py): manual keys without an IKE daemon, or (interop only)
+        # psk with strongSwan negotiating; and those values belong to it alone.
+        manual = self.auth == "manual" and self.backend == "none"
+        ike = self.auth == "psk" and self.backend == "strongswan" and self.expect == "interop"
+        if self.control == "userspace-esp" and (not (manual or ike) or self.options or self.underlay != "ipv4"
+                                                or self.expect not in ("interop", "throughput")):
+            raise ValueError(f"scenario {self.name}: userspace-esp needs auth manual and backend none, or auth "
+                             "psk and backend strongswan (interop), expect interop or throughput, no options and "
+                             "the ipv4 underlay")
+        if self.control != "userspace-esp" and (self.auth == "manual" or self.backend == "none"
+                                                or self.expect in ("interop", "throughput")):
+            raise ValueError(f"scenario {self.name}: auth manual, backend none and expect interop or "
+                             "throughput are for control userspace-esp")
         if (self.host == "systemd") != (self.expect in SYSTEMD_EXPECTS) or \
                 (self.host == "systemd" and (self.backend != "strongswan" or self.control != "ovs-vsctl")):
             raise ValueError(f"scenario {self.name}: expect {', '.join(SYSTEMD_EXPECTS)} is for host = "

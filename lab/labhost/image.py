@@ -89,6 +89,8 @@ MODULE_EXCLUDES = ["sound", "drivers/gpu", "drivers/media", "drivers/infiniband"
                    "drivers/staging", "drivers/bluetooth", "drivers/input", "drivers/hid", "drivers/isdn"]
 # Loaded by the initramfs: enough to mount ext4 from virtio-blk.
 INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "ext4"]
+# bench/ files the overlay carries to /opt/ovs-ipsec/bench (guest/userspace_perf.py runs them).
+BENCH_FILES = ("esp_bump.py", "esp_traffic.py")
 # The private apt lists are refreshed when older than this (the kernel and LibreSwan candidates,
 # hence the base image, follow the mirror at most this late).
 APT_LISTS_MAX_AGE = 24 * 3600
@@ -474,8 +476,10 @@ def build_overlay(distro: Distro, pydeps: Path) -> Path:
     while the base image stays cached.
     """
     src = paths.REPO / "src"
-    key = digest(distro.python, pydeps.name, src, paths.GUEST, paths.SCENARIOS,
-                 *sorted(GOLDEN_CONFS.glob("libreswan*.conf")))
+    # The userspace ESP throughput scenario runs the benchmark's bump and traffic generator.
+    bench = [paths.REPO / "bench" / name for name in BENCH_FILES]
+    key = digest(distro.python, pydeps.name, src, paths.GUEST, paths.SCENARIOS, paths.REPO / "testsupport",
+                 *bench, *sorted(GOLDEN_CONFS.glob("libreswan*.conf")))
     stage = _stage(distro, "overlay")
     image = stage / f"{key}.img"
     if image.exists():
@@ -488,7 +492,11 @@ def build_overlay(distro: Distro, pydeps: Path) -> Path:
         shutil.copytree(src, tree / "src", ignore=ignore)
         shutil.copytree(pydeps, tree / "pydeps", symlinks=True)
         shutil.copytree(paths.GUEST, tree / "lab", ignore=ignore)
+        shutil.copytree(paths.REPO / "testsupport", tree / "testsupport", ignore=ignore)
         shutil.copy2(paths.SCENARIOS, tree / "lab/scenarios.toml")
+        (tree / "bench").mkdir()
+        for path in bench:
+            shutil.copy2(path, tree / "bench" / path.name)
         # The renderer's golden files, for `lab/run.sh --golden` (guest/golden.py loads them into pluto).
         (tree / "golden-conf").mkdir()
         for conf in sorted(GOLDEN_CONFS.glob("libreswan*.conf")):
@@ -499,7 +507,8 @@ def build_overlay(distro: Distro, pydeps: Path) -> Path:
         # (QEMU's snapshot=on keeps those writes out of this cached image): once per boot.
         py = _host_python(distro.python)
         if py:
-            subprocess.run([py, "-m", "compileall", "-q", "-j", "0", tree / "src", tree / "lab", tree / "pydeps"],
+            subprocess.run([py, "-m", "compileall", "-q", "-j", "0", tree / "src", tree / "lab", tree / "testsupport", tree / "bench",
+                            tree / "pydeps"],
                            capture_output=True)
         else:
             log(f"no Python {distro.python} on the host: the guest byte-compiles on first import")

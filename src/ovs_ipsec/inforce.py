@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from .model import Invalid, Tunnel, ValidatedState
+from .model import Invalid, Tunnel, TunnelState, ValidatedState
 from .text import shown
 
 
@@ -26,6 +26,8 @@ def keep_last_good(validated: ValidatedState, previous: Mapping[str, Tunnel], ke
     """
     kept: dict[str, Tunnel] = {}
     for invalid in validated.invalid:
+        if invalid.state is TunnelState.UNPROTECTED:
+            continue  # moved to the userspace datapath: no kernel SA can encrypt it any more
         last_good = previous.get(invalid.name)
         if last_good is not None:
             kept[invalid.name] = last_good

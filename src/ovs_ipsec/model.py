@@ -28,6 +28,11 @@ class AuthMethod(enum.StrEnum):
     CA_CERT = "ca-cert"  # options:remote_name + other_config:ca_cert
 
 
+# Bridge datapath_type of OVS's userspace datapath (OVS-DPDK, AF_XDP, AF_PACKET ports): it outputs
+# tunnel packets below the kernel's IP stack, so kernel XFRM policies never see them.
+USERSPACE_DATAPATH = "netdev"
+
+
 class TunnelState(enum.StrEnum):
     INVALID = "invalid"  # configuration rejected; never reaches the IKE daemon
     PENDING = "pending"  # valid, not yet loaded into the IKE daemon
@@ -35,6 +40,9 @@ class TunnelState(enum.StrEnum):
     NEGOTIATING = "negotiating"  # an IKE SA is up, but not every child SA of the tunnel: not encrypting yet
     ESTABLISHED = "established"  # every child SA of the tunnel is installed: its traffic is encrypted
     ERROR = "error"  # the IKE daemon refused an action; retried with backoff
+    # On a userspace-datapath bridge (datapath_type=netdev): its packets never pass the kernel's
+    # XFRM, so kernel IPsec cannot protect it whatever the IKE daemon negotiates. Never loaded.
+    UNPROTECTED = "unprotected"
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,13 @@ class InterfaceRow:
     options: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
     ofport: int | None = None
     cfm_fault: bool | None = None
+    # datapath_type of the Bridge whose Port holds this Interface ("" is the kernel's, as "system");
+    # None when no bridge holds it.
+    datapath_type: str | None = None
+
+    @property
+    def userspace_datapath(self) -> bool:
+        return self.datapath_type == USERSPACE_DATAPATH
 
     def option(self, key: str) -> str | None:
         return dict(self.options).get(key)
@@ -174,6 +189,7 @@ class Invalid:
     local_ip: str | None = None
     remote_ip: str | None = None
     auth: AuthMethod | None = None
+    state: TunnelState = TunnelState.INVALID  # or UNPROTECTED: valid or not, IKE cannot protect it
 
 
 @dataclass(frozen=True)
@@ -186,6 +202,8 @@ class GuardConfig:
     # (protocol, destination port) of every tunnel Interface, IPsec or not: in a mode like 0/1
     # unmarked packets of non-IPsec tunnels are dropped too, as the seeds describe.
     traffic: frozenset[tuple[str, int | None]] = frozenset()
+    # IPsec tunnels on the userspace datapath: their packets never meet an XFRM policy, guard or not.
+    uncovered: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

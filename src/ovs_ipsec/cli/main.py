@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     boot_guard.add_parser(commands)
     migrate.add_parser(commands)
+    from ..userspace import cli as userspace_cli  # userspace-esp, pcap-decrypt
+
+    userspace_cli.add_parsers(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 

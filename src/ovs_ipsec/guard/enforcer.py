@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import CommandError
 from ..model import GuardConfig, SkbMark, Tunnel
@@ -61,15 +61,16 @@ class PlaintextGuard:
             problem = f"{config.error}; keeping the guard in force ({kept})"
         target = _Target(config.configured, self._mark,
                          guard_policies(self._mark, tunnels, config.traffic) if self._mark_known else frozenset())
+        before = self.status
+        self.status = replace(self.status, uncovered=config.uncovered)
         if not full and target == self._target and self.status.in_place:
-            return False
+            return self.status != before
         if full and not target.policies and target == self._target and self.status.in_place \
                 and not self.status.installed:
             # Guard off and none of ours found last time: listing the whole policy table (tens of
             # thousands of the IKE daemon's policies at scale) on every resync would buy nothing.
-            return False
-        before = self.status
-        self.status = self._converge(target, problem, tunnels, config.traffic)
+            return self.status != before
+        self.status = replace(self._converge(target, problem, tunnels, config.traffic), uncovered=config.uncovered)
         self._target = target
         if self.status != before and self.status.error and self.status.error != before.error:
             log.warning("plaintext guard: %s", self.status.error)

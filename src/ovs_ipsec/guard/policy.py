@@ -162,6 +162,7 @@ class GuardStatus:
     installed: int = 0  # policies of ours in the kernel
     wanted: int = 0  # policies the mode asks for
     unknown: bool = False  # malformed value at start, and the kernel's policies tell no mode
+    uncovered: tuple[str, ...] = ()  # IPsec tunnels on the userspace datapath, beyond any XFRM policy
 
     @property
     def mode(self) -> str:
@@ -171,7 +172,8 @@ class GuardStatus:
 
     def as_json(self) -> dict:
         return {"mode": self.mode, "configured": self.configured, "error": self.error,
-                "in_place": self.in_place, "policies": self.installed, "wanted": self.wanted}
+                "in_place": self.in_place, "policies": self.installed, "wanted": self.wanted,
+                "uncovered": list(self.uncovered)}
 
 
 def guard_policies(mark: SkbMark | None, tunnels: Iterable[Tunnel],

@@ -21,6 +21,10 @@ INTERFACE_COLUMNS = ["name", "type", "options", "ofport", "cfm_fault"]
 # to it alone are not changes to the desired state: they neither count nor mark a row dirty.
 WRITE_BACK_COLUMNS = frozenset({"external_ids"})
 OPEN_VSWITCH_COLUMNS = ["other_config"]
+# Which bridge holds each Interface, and that bridge's datapath: a tunnel on the userspace datapath
+# is beyond kernel IPsec (model.USERSPACE_DATAPATH).
+BRIDGE_COLUMNS = ["ports", "datapath_type"]
+PORT_COLUMNS = ["interfaces"]
 SCHEMA_FILES = ("/usr/share/openvswitch/vswitch.ovsschema", "/usr/local/share/openvswitch/vswitch.ovsschema")
 
 
@@ -84,9 +88,12 @@ class _TrackingIdl(ovs.db.idl.Idl):
         # status writer, which then looks at those rows only.
         self.touched_interfaces: set = set()
         self.write_back_changes = 0  # of change_seqno's increments, those that touched only WRITE_BACK_COLUMNS
+        self.topology_changed = True  # a Bridge or Port changed: which datapath holds which Interface
 
     def notify(self, event, row, updates=None):  # noqa: D401 - python-ovs hook
-        if row._table.name == "Interface":
+        if row._table.name in ("Bridge", "Port"):
+            self.topology_changed = True
+        elif row._table.name == "Interface":
             self.touched_interfaces.add(row.uuid)
             if event == ovs.db.idl.ROW_UPDATE and updates is not None and updates._data \
                     and set(updates._data) <= WRITE_BACK_COLUMNS:
@@ -102,8 +109,11 @@ class OvsdbReader:
         helper = ovs.db.idl.SchemaHelper(schema_json=fetch_schema(remote))
         helper.register_columns("Interface", INTERFACE_COLUMNS + sorted(WRITE_BACK_COLUMNS))
         helper.register_columns("Open_vSwitch", OPEN_VSWITCH_COLUMNS)
+        helper.register_columns("Bridge", BRIDGE_COLUMNS)
+        helper.register_columns("Port", PORT_COLUMNS)
         self._idl = _TrackingIdl(remote, helper)
         self._rows: dict = {}
+        self._datapaths: dict = {}  # Interface UUID -> its bridge's datapath_type
         self._seen_seqno = -1
 
     def run(self) -> bool:
@@ -128,11 +138,18 @@ class OvsdbReader:
     def snapshot(self) -> DesiredState:
         self._seen_seqno = self._relevant_seqno()
         changed, self._idl.changed_interfaces = self._idl.changed_interfaces, set()
+        if self._idl.topology_changed:
+            self._idl.topology_changed = False
+            datapaths = datapath_of_interfaces(self._idl.tables["Bridge"].rows.values())
+            changed |= {uuid for uuid in datapaths.keys() | self._datapaths.keys()
+                        if datapaths.get(uuid) != self._datapaths.get(uuid)}
+            self._datapaths = datapaths
         current = self._idl.tables["Interface"].rows
         rows = {}
         for uuid, row in current.items():
             cached = self._rows.get(uuid)
-            rows[uuid] = cached if cached is not None and uuid not in changed else interface_from_row(row)
+            rows[uuid] = cached if cached is not None and uuid not in changed else \
+                interface_from_row(row, self._datapaths.get(uuid))
         self._rows = rows
         interfaces = tuple(sorted(rows.values(), key=lambda r: r.name))
         return DesiredState(global_config=self._global_config(), interfaces=interfaces)
@@ -144,7 +161,14 @@ class OvsdbReader:
         return global_config_from(other_config)
 
 
-def interface_from_row(row) -> InterfaceRow:
+def datapath_of_interfaces(bridges) -> dict:
+    """Interface UUID -> datapath_type of the bridge whose port holds it ("" is the default, the
+    kernel's datapath). Walks every port: done only when a Bridge or Port row changed."""
+    return {interface.uuid: bridge.datapath_type
+            for bridge in bridges for port in bridge.ports for interface in port.interfaces}
+
+
+def interface_from_row(row, datapath_type: str | None = None) -> InterfaceRow:
     ofport = row.ofport[0] if row.ofport else None
     cfm_fault = row.cfm_fault[0] if row.cfm_fault else None
     return InterfaceRow(
@@ -153,6 +177,7 @@ def interface_from_row(row) -> InterfaceRow:
         options=tuple(sorted(row.options.items())),
         ofport=ofport if ofport is not None and ofport >= 0 else None,
         cfm_fault=cfm_fault,
+        datapath_type=datapath_type,
     )
 
 

@@ -2,7 +2,7 @@
 
 Each IPsec tunnel's Interface row gets three keys in `external_ids`:
 
-    ipsec_state    invalid | pending | loaded | established | error
+    ipsec_state    invalid | unprotected | pending | loaded | negotiating | established | error
     ipsec_reason   why it is invalid or in error (absent otherwise)
     ipsec_since    when it entered that state, ISO 8601 UTC (e.g. 2024-05-01T10:00:00Z)
 

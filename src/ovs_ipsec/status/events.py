@@ -32,10 +32,11 @@ _EVENT_OF_STATE = {
     TunnelState.ERROR: "tunnel_error",
     TunnelState.LOADED: "tunnel_loaded",
     TunnelState.PENDING: "tunnel_pending",
+    TunnelState.UNPROTECTED: "tunnel_unprotected",
 }
 # Events an operator should look at; the rest is progress.
-WARNING_EVENTS = frozenset({"tunnel_down", "tunnel_invalid", "tunnel_error", "certificate_expiring",
-                            "tunnel_options_ignored", "not_all_tunnels_encrypting"})
+WARNING_EVENTS = frozenset({"tunnel_down", "tunnel_invalid", "tunnel_unprotected", "tunnel_error",
+                            "certificate_expiring", "tunnel_options_ignored", "not_all_tunnels_encrypting"})
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_.:/@%+,-]+")
 
 Value = str | int | float | bool | None
@@ -44,7 +45,7 @@ Value = str | int | float | bool | None
 @dataclass(frozen=True)
 class Event:
     kind: str  # tunnel_up | tunnel_negotiating | tunnel_down | tunnel_invalid | tunnel_error | tunnel_loaded
-    #            | tunnel_pending | tunnel_removed | tunnel_rekeyed | tunnel_options_ignored
+    #            | tunnel_pending | tunnel_unprotected | tunnel_removed | tunnel_rekeyed | tunnel_options_ignored
     #            | all_tunnels_encrypting | not_all_tunnels_encrypting | certificate_expiring
     at: float
     fields: tuple[tuple[str, Value], ...]  # in the order they are printed; None values are left out

@@ -35,8 +35,8 @@ def render_show(snapshot: StatusSnapshot, kernel: KernelView | None = None) -> s
     config = snapshot.global_config
     blocks = []
     for tunnel in snapshot.tunnels:
-        if tunnel.state is TunnelState.INVALID:
-            header = f"Interface name: {tunnel.name} v1 (INVALID: {tunnel.reason})"
+        if tunnel.state in (TunnelState.INVALID, TunnelState.UNPROTECTED):
+            header = f"Interface name: {tunnel.name} v1 ({tunnel.state.value.upper()}: {tunnel.reason})"
         else:
             header = f"Interface name: {tunnel.name} v1 (CONFIGURED)"
         certificate_mode = tunnel.auth in ("peer-cert", "ca-cert")
@@ -143,6 +143,10 @@ def _guard_line(guard: dict) -> str:
         state = f"{guard.get('policies', 0)} XFRM policies in place"
     else:
         state = f"NOT in place ({guard.get('policies', 0)} of {guard.get('wanted', 0)} XFRM policies)"
+    uncovered = guard.get("uncovered") or []
+    if uncovered:
+        state += (f"; cannot cover {len(uncovered)} tunnel(s) on the userspace datapath, which bypasses "
+                  f"XFRM: {', '.join(uncovered)}")
     return printable(f"Plaintext guard: {mode}, {state}" + (f"; {error}" if error else "")) + "\n"
 
 
@@ -156,7 +160,8 @@ def _summary(tunnels: list[dict], local_ip: str | None) -> str:
     for tunnel in tunnels:
         counts[tunnel["state"]] = counts.get(tunnel["state"], 0) + 1
     order = [state.value for state in (TunnelState.ESTABLISHED, TunnelState.NEGOTIATING, TunnelState.LOADED,
-                                       TunnelState.PENDING, TunnelState.ERROR, TunnelState.INVALID)]
+                                       TunnelState.PENDING, TunnelState.ERROR, TunnelState.INVALID,
+                                       TunnelState.UNPROTECTED)]
     parts = ", ".join(f"{counts[state]} {state}" for state in order if state in counts)
     local = f" from {local_ip}" if local_ip else ""
     return f"{len(tunnels)} tunnel{'' if len(tunnels) == 1 else 's'}{local}" + (f": {parts}" if parts else "")

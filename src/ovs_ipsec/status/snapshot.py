@@ -196,7 +196,7 @@ def certificate_statuses(global_config: GlobalConfig, facts: CertificateFacts) -
 def _invalid_status(invalid: Invalid) -> TunnelStatus:
     return TunnelStatus(name=invalid.name, type=invalid.type, local_ip=invalid.local_ip,
                         remote_ip=invalid.remote_ip, auth=invalid.auth.value if invalid.auth else None,
-                        state=TunnelState.INVALID, reason=invalid.reason)
+                        state=invalid.state, reason=invalid.reason)
 
 
 def _tunnel_status(tunnel: Tunnel, peering: Peering, observed: ObservedState, error: str | None,

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from ..model import DEFAULT_PORTS, GlobalConfig, GuardConfig, InterfaceRow, SkbMark, TunnelType, wire_traffic
 from ..text import shown
 from . import fields
+from .certificates import is_ipsec_interface
 from .fields import Reject
 
 _MARK_NUMBER = re.compile(r"0[xX][0-9a-fA-F]{1,8}|[0-9]{1,10}")
@@ -15,13 +16,16 @@ _USAGE = "expected value/mask such as 0/1 or 1/1, each a 32-bit number in decima
 
 
 def guard_config(config: GlobalConfig, rows: Iterable[InterfaceRow]) -> GuardConfig:
+    rows = tuple(rows)
     traffic = frozenset(t for t in map(traffic_of_row, rows) if t is not None)
+    # Names as the operator wrote them; the status output escapes them (text.printable).
+    uncovered = tuple(sorted(r.name for r in rows if r.userspace_datapath and is_ipsec_interface(dict(r.options))))
     if config.skb_mark is None:
-        return GuardConfig(traffic=traffic)
+        return GuardConfig(traffic=traffic, uncovered=uncovered)
     try:
-        return GuardConfig(config.skb_mark, parse_skb_mark(config.skb_mark), traffic=traffic)
+        return GuardConfig(config.skb_mark, parse_skb_mark(config.skb_mark), traffic=traffic, uncovered=uncovered)
     except ValueError as exc:
-        return GuardConfig(config.skb_mark, None, str(exc), traffic)
+        return GuardConfig(config.skb_mark, None, str(exc), traffic, uncovered)
 
 
 def parse_skb_mark(text: str) -> SkbMark:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import partial
 
 from ..model import (
     DEFAULT_PORTS,
+    USERSPACE_DATAPATH,
     AuthMethod,
     DesiredState,
     GlobalConfig,
     InterfaceRow,
     Invalid,
     Tunnel,
+    TunnelState,
     TunnelType,
     ValidatedState,
 )
@@ -67,6 +70,8 @@ def validate(desired: DesiredState, facts: CertificateFacts, now: float,
 def validate_row(row: InterfaceRow, options: Mapping[str, str], config: GlobalConfig, local: LocalIdentity | None,
                  global_problem: str | None, facts: CertificateFacts, now: float) -> Tunnel | Invalid:
     """One row, fenced: a rule that refuses it, or a bug in a rule, makes only this row invalid."""
+    if row.userspace_datapath:
+        return unprotected_row(row)
     try:
         return _tunnel(row, options, config, local, global_problem, facts, now)
     except Reject as reject:
@@ -141,6 +146,16 @@ def _dst_port(tunnel_type: TunnelType, options: Mapping[str, str]) -> int | None
         return None
     value = options.get("dst_port")
     return DEFAULT_PORTS[tunnel_type] if value is None else fields.port(value, "dst_port")
+
+
+def unprotected_row(row: InterfaceRow) -> Invalid:
+    """An IPsec tunnel on a userspace-datapath bridge: whatever its options, kernel IPsec cannot
+    protect it, so it is never loaded into the IKE daemon and never reported as protected."""
+    return replace(invalid_row(row, (
+        f"on a bridge with datapath_type={USERSPACE_DATAPATH} (the userspace datapath): its packets leave "
+        "below the kernel's IPsec (XFRM), so IKE SAs would not encrypt them; not loaded into the IKE "
+        "daemon. Encrypt it with `ovs-ipsec userspace-esp` (options esp_*), or put it on a kernel-datapath "
+        "bridge")), state=TunnelState.UNPROTECTED)
 
 
 def invalid_row(row: InterfaceRow, reason: str) -> Invalid:

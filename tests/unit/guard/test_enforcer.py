@@ -115,7 +115,7 @@ def test_guard_comes_up_and_status_says_so():
     assert guard.enforce(config("0/1"), TUNNELS, full=False)
     assert as_installed(kernel.ours()) == as_installed(guard_policies(SkbMark(0, 1), TUNNELS, config('0/1').traffic))
     assert guard.status.as_json() == {"mode": "0/1", "configured": "0/1", "error": None, "in_place": True,
-                                      "policies": 9, "wanted": 9}
+                                      "policies": 9, "wanted": 9, "uncovered": []}
     assert FOREIGN in kernel.policies.values()
 
 

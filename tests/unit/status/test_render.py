@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ovs_ipsec.guard.policy import GuardStatus
-from ovs_ipsec.model import GlobalConfig, SkbMark
+from ovs_ipsec.model import GlobalConfig, SkbMark, TunnelState
 from ovs_ipsec.status.render import render_show, render_table
-from ovs_ipsec.status.snapshot import StatusSnapshot
+from ovs_ipsec.status.snapshot import StatusSnapshot, TunnelStatus
 
 ON = GuardStatus("0/1", SkbMark(0, 1), None, True, 13, 13)
 
@@ -18,7 +18,8 @@ def snapshot(guard: GuardStatus) -> StatusSnapshot:
 
 def test_json_always_has_the_guard():
     assert snapshot(GuardStatus()).as_json()["guard"] == {
-        "mode": "off", "configured": None, "error": None, "in_place": True, "policies": 0, "wanted": 0}
+        "mode": "off", "configured": None, "error": None, "in_place": True, "policies": 0, "wanted": 0,
+        "uncovered": []}
     assert snapshot(ON).as_json()["guard"]["mode"] == "0/1"
 
 
@@ -35,3 +36,14 @@ def test_errors_and_missing_policies_are_shown():
         "number\n")
     table = render_table(snapshot(broken).as_json(), 0.0)
     assert table.splitlines()[-1].startswith("Plaintext guard: 0/1, NOT in place")
+
+
+def test_unprotected_tunnels_say_so_in_show_and_in_the_guard_line():
+    tunnel = TunnelStatus(name="vx-dpdk", type="vxlan", local_ip="10.0.0.1", remote_ip="10.0.0.2", auth="psk",
+                          state=TunnelState.UNPROTECTED, reason="on a bridge with datapath_type=netdev")
+    guard = replace(ON, uncovered=("vx-dpdk",))
+    shown = render_show(replace(snapshot(guard), tunnels=(tunnel,)))
+    assert "Interface name: vx-dpdk v1 (UNPROTECTED: on a bridge with datapath_type=netdev)" in shown
+    assert "cannot cover 1 tunnel(s) on the userspace datapath, which bypasses XFRM: vx-dpdk" in shown
+    table = render_table(replace(snapshot(guard), tunnels=(tunnel,)).as_json(), now=0.0)
+    assert "vx-dpdk" in table and "unprotected" in table and "1 unprotected" in table

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from ovs_ipsec.inforce import keep_last_good
+from ovs_ipsec.model import AuthMethod, TunnelState, TunnelType
 from testsupport.builders import desired, row
-from ovs_ipsec.model import AuthMethod, TunnelType
 from ovs_ipsec.validate import CertificateFacts, validate
 
 NOW = 1_800_000_000.0
@@ -223,3 +226,18 @@ def test_a_bug_in_a_rule_costs_one_tunnel(monkeypatch):
     result = check(row("bad", "vxlan", ipsec_boom="1", **PSK), row("good", "gre", **PSK))
     assert [t.name for t in result.tunnels] == ["good"]
     assert reason_of(result, "bad") == "could not be validated (KeyError); this is a bug, please report it"
+
+
+def test_a_tunnel_on_the_userspace_datapath_is_unprotected_not_loaded_and_never_kept():
+    netdev = replace(row("vx-dpdk", "vxlan", **PSK), datapath_type="netdev")
+    kernel = replace(row("vx-kernel", "vxlan", local_ip="10.0.0.1", remote_ip="10.0.0.3", psk="x"), datapath_type="")
+    broken = replace(row("vx-broken", "vxlan", psk=""), datapath_type="netdev")  # malformed too
+    result = check(netdev, kernel, broken)
+    assert [t.name for t in result.tunnels] == ["vx-kernel"]
+    assert {i.name: i.state for i in result.invalid} == {"vx-dpdk": TunnelState.UNPROTECTED,
+                                                         "vx-broken": TunnelState.UNPROTECTED}
+    assert "datapath_type=netdev" in reason_of(result, "vx-dpdk") and "userspace-esp" in reason_of(result, "vx-dpdk")
+    assert result.guard.uncovered == ("vx-broken", "vx-dpdk")
+    # Moved from a kernel bridge to a netdev one: the old SA cannot encrypt it, so nothing is kept.
+    (was,) = check(replace(netdev, datapath_type="system")).tunnels
+    assert keep_last_good(result, {"vx-dpdk": was}, {}, NOW).kept == {}
