@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testsupport.procs import live_children
+
 HZ = os.sysconf("SC_CLK_TCK")
 PSK = "swordfish"
 BRIDGE = "br-ipsec"  # created by testsupport.ovsdb.Ovsdb.start
@@ -273,29 +275,6 @@ def memory_kb(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return values
-
-
-def live_children(pid: int) -> list[int]:
-    """Children that are not zombies (upstream leaves an unreaped `ipsec status` behind)."""
-    children = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return children
-    for tid in tids:
-        try:
-            children += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
-            pass
-    live = []
-    for child in children:
-        try:
-            text = Path(f"/proc/{child}/stat").read_text()
-        except OSError:
-            continue
-        if text[text.rindex(")") + 2] != "Z":
-            live.append(child)
-    return live
 
 
 def system_jiffies() -> tuple[int, int]:

@@ -40,10 +40,10 @@ from common import (  # noqa: E402
     Meter, Ovsdb, PlutoConns, SpdCounter, charon_children, cpu_ticks, established_sas, ike_sa_counts, log,
     memory_kb, pluto_conn_tunnel, pluto_tunnels, remote_ip, system_jiffies, vici_session, wait_quiet, watch,
 )
-from upstream import Upstream, UpstreamLibreswan  # noqa: E402
 
 from testsupport.pluto import LIBRESWAN_ROOT  # noqa: E402
 from testsupport.sandbox import Sandbox  # noqa: E402
+from testsupport.upstream import upstream_monitor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKDIR = Path("/tmp/oib")  # short: unix socket paths are limited to 107 bytes
@@ -210,7 +210,7 @@ class Upstreams(Driver):
     def __init__(self, host, charon_conf: str) -> None:
         super().__init__(host, charon_conf)
         # strongSwan: its own `ipsec restart` starts its charon. LibreSwan: the host's pluto.
-        self.up = Upstream(host, charon_conf) if self.ike == "strongswan" else UpstreamLibreswan(host)
+        self.up = upstream_monitor(host, charon_conf)
 
     @property
     def pid(self) -> int:
@@ -227,6 +227,7 @@ class Upstreams(Driver):
         if self.ike == "libreswan":
             self.start_ike_daemon()
         self.up.start()
+        log(f"  upstream monitor {self.up.pid}, IKE daemon {self.ike_pid()}")
 
     def stop(self) -> None:
         try:

@@ -51,6 +51,13 @@ class Monitor:
             wait_gone(pid, 30)
         unlink(self.pidfile, self.unixctl)
 
+    def terminate(self) -> None:
+        """SIGTERM by PID and wait until it is gone: the monitor dies without cleaning anything up."""
+        pid = self.pid()
+        if pid is not None:
+            kill_pid(pid, signal.SIGTERM, timeout=30)
+        unlink(self.pidfile, self.unixctl)
+
     def appctl(self, *args: str, timeout: float = 30) -> str:
         return run(["ovs-appctl", "-t", self.unixctl, *args], timeout=timeout).stdout
 

@@ -66,6 +66,9 @@ class Pluto:
         # namespace overlays the extracted libexec on the real one, for pluto alone.
         script = (f"mount -t overlay ovs-ipsec-lsw -o lowerdir={LIBRESWAN_ROOT}/usr/libexec:/usr/libexec /usr/libexec"
                   f" && mount -t tmpfs ovs-ipsec-lsw-run /run && mkdir -p /run/pluto"
+                  # pluto runs its updown script as `ipsec _updown` (routed connections: a tunnel
+                  # without local_ip): that must be LibreSwan's `ipsec`, not strongSwan's in /usr/sbin.
+                  f" && export PATH={LIBRESWAN_ROOT}/usr/sbin:$PATH"
                   f" && exec {execdir}/pluto --config {conf} --secretsfile {secrets} --nssdir {root}/nss"
                   f" --rundir {root}/run --ipsecdir {root}/etc/ipsec.d --logfile {self.workdir}/pluto.log")
         with open(self.workdir / "pluto.out", "ab") as log:

@@ -105,6 +105,21 @@ def is_zombie(pid: int) -> bool:
         return True
 
 
+def live_children(pid: int) -> list[int]:
+    """Children that are not zombies (upstream's monitor leaves an unreaped `ipsec status` behind)."""
+    children = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for tid in tids:
+        try:
+            children += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return [child for child in children if not is_zombie(child)]
+
+
 def unlink(*paths: Path | str) -> None:
     for path in paths:
         try:

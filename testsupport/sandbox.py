@@ -13,6 +13,7 @@ from .charon import Charon
 from .monitor import Monitor
 from .ovsdb import Ovsdb
 from .pluto import Pluto
+from .upstream import UpstreamLibreswan, UpstreamStrongswan, upstream_monitor
 
 
 class Host:
@@ -29,6 +30,7 @@ class Host:
         self.charon = Charon(name, workdir, self.netns(), extra_charon_conf)
         self.pluto = Pluto(name, workdir, self.netns())
         self.monitor = Monitor(name, workdir, self.netns(), self.ovsdb.remote, self.ovsdb.env)
+        self.upstream: UpstreamStrongswan | UpstreamLibreswan | None = None  # Debian's monitor, instead of ours
 
     @property
     def address(self) -> str:
@@ -44,6 +46,13 @@ class Host:
 
     def netns(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
+
+    def add_default_route(self, via: str) -> None:
+        """A default route through `via` (a neighbour on the switch), as upstream's test harness gives
+        every node: what LibreSwan's %defaultroute and strongSwan's %any resolve a tunnel without
+        local_ip through."""
+        run(["ip", "-n", self.name, *(["-6"] if ":" in via else []), "route", "add", "default", "via", via,
+             "dev", self.device])
 
     # -- the daemons, by their fixtures --------------------------------------------------------
 
@@ -112,8 +121,35 @@ class Host:
     def stop_monitor(self, cleanup: bool = False, hard: bool = False) -> None:
         self.monitor.stop(cleanup, hard)
 
+    def terminate_monitor(self) -> None:
+        """SIGTERM, as `kill <pid>` (upstream's tests stop a monitor so): no unixctl exit, no cleanup."""
+        self.monitor.terminate()
+
     def monitor_pid(self) -> int | None:
         return self.monitor.pid()
+
+    # -- upstream's monitor (Debian's ovs-monitor-ipsec), for mixed clusters ---------------------
+
+    def start_upstream(self, extra_charon_conf: str = "",
+                       trust_ca: Path | None = None) -> UpstreamStrongswan | UpstreamLibreswan:
+        """Debian's ovs-monitor-ipsec on this host instead of ours (testsupport/upstream.py): with
+        strongSwan it starts its own starter and charon; with LibreSwan it drives this host's pluto
+        (started here if it is not running). `trust_ca`: the CA certificate an operator copies into
+        /etc/ipsec.d/cacerts for upstream's strongSwan mode (as the OVS IPsec tutorial says)."""
+        upstream = upstream_monitor(self, extra_charon_conf)
+        self.upstream = upstream
+        if isinstance(upstream, UpstreamLibreswan):
+            if self.pluto.pid is None:
+                self.pluto.start()
+        elif trust_ca is not None:
+            upstream.trust_ca(trust_ca)
+        upstream.start()
+        return upstream
+
+    def stop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.stop()
+            self.upstream = None
 
     @property
     def unixctl(self) -> str:
@@ -138,7 +174,8 @@ class Host:
         return self.monitor.log_text()
 
     def stop(self) -> None:
-        for stop in (lambda: self.monitor.stop(hard=True), self.charon.stop, self.pluto.stop, self.ovsdb.stop):
+        for stop in (lambda: self.monitor.stop(hard=True), self.stop_upstream, self.charon.stop, self.pluto.stop,
+                     self.ovsdb.stop):
             try:
                 stop()
             except Exception:  # keep tearing down the rest

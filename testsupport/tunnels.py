@@ -74,3 +74,25 @@ def connect_with_certificates(a, b, folder: Path, tunnel_type: str, ca: bool) ->
         assert tunnel["auth"] == ("ca-cert" if ca else "peer-cert")
         if ca:
             assert tunnel["remote_name"] == peer_name
+
+
+TUNNEL_PORTS = {"geneve": 6081, "vxlan": 4789}
+_SEND = """
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+if sys.argv[2] == "gre":
+    sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_GRE)
+    sock.sendto(bytes(4), (sys.argv[1], 0))
+else:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.sendto(b"ovs-ipsec test", (sys.argv[1], int(sys.argv[3])))
+"""
+
+
+def send_tunnel_packet(host, remote_ip: str, tunnel_type: str, dst_port: int | None = None) -> None:
+    """One packet of the tunnel's protocol from `host` to `remote_ip`, as the datapath would send
+    it: it hits the tunnel's trap policy, and the kernel asks the IKE daemon for an SA (acquire).
+    (No ovs-vswitchd runs here: this stands in for the first encapsulated packet.)"""
+    port = dst_port or TUNNEL_PORTS.get(tunnel_type, 0)
+    subprocess.run(host.netns(sys.executable, "-c", _SEND, remote_ip, tunnel_type, str(port)),
+                   check=True, capture_output=True, timeout=20)

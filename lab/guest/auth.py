@@ -28,7 +28,7 @@ PKI = ["python3", "-m", "ovs_ipsec.cli.pki_main"]
 PKI_ROOT = Path("/tmp/lab-pki")
 # What each auth mode makes the monitor report as the tunnel's `auth` in `status --json`;
 # runner.py checks it, so a scenario cannot pass while authenticating some other way.
-STATUS_AUTH = {"psk": "psk", "cert": "peer-cert", "ca": "ca-cert"}
+STATUS_AUTH = {"psk": "psk", "cert": "peer-cert", "ca": "ca-cert", "ca-rsa": "ca-cert"}
 
 _made = {}                 # PKI folder -> True once its certificates exist (one boot)
 _lock = threading.Lock()
@@ -44,20 +44,21 @@ def _pki(host: Host, folder: Path, *args) -> None:
     host.sh.run([*PKI, "--dir", folder / "pki", *args], cwd=folder, env=PYTHON_ENV, timeout=120)
 
 
-def _make_once(host: Host, kind: str, names: list) -> Path:
-    """The certificates of `kind` ("self-signed" or "ca-signed") for `names`, made on first use."""
-    folder = PKI_ROOT / kind
+def _make_once(host: Host, kind: str, names: list, key_type: tuple = ()) -> Path:
+    """The certificates of `kind` ("self-signed" or "ca-signed") for `names`, made on first use;
+    `key_type` ("-k", "rsa") for RSA keys (our tool's default is ECDSA P-256)."""
+    folder = PKI_ROOT / (f"{kind}-{key_type[-1]}" if key_type else kind)
     with _lock:
         if _made.get(folder):
             return folder
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         if kind == "ca-signed":
-            _pki(host, folder, "init")
+            _pki(host, folder, "init", *key_type)
         # One request per host, the two in parallel (2 vCPUs); signing appends to the CA's
         # index, so the CA signs one after the other.
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            list(pool.map(lambda name: _pki(host, folder, "req", name), names))
+            list(pool.map(lambda name: _pki(host, folder, "req", *key_type, name), names))
         for name in names:
             if kind == "ca-signed":
                 _pki(host, folder, "sign", name, "switch")
@@ -93,13 +94,24 @@ def cert(host: Host, peer: Host) -> dict:
     return {"remote_cert": files[theirs]}
 
 
-def ca(host: Host, peer: Host) -> dict:
+def ca(host: Host, peer: Host, key_type: tuple = ()) -> dict:
     """CA-signed certificates: each host trusts the switch CA and names its peer's CN."""
-    folder = _make_once(host, "ca-signed", sorted((host.name, peer.name)))
+    folder = _make_once(host, "ca-signed", sorted((host.name, peer.name)), key_type)
     own, key, cacert = f"{host.name}-cert.pem", f"{host.name}-privkey.pem", "pki/switchca/cacert.pem"
     files = _install(host, folder, [own, key, cacert])
     _use_certificate(host, files[own], files[key], files[cacert])
     return {"remote_name": peer.name}
 
 
-AUTH = {"psk": psk, "cert": cert, "ca": ca}
+def ca_rsa(host: Host, peer: Host) -> dict:
+    """CA-signed RSA certificates, as upstream's ovs-pki makes them: upstream's monitor writes
+    `RSA` key lines (strongSwan) and `leftrsasigkey=%cert` (LibreSwan)."""
+    return ca(host, peer, ("-k", "rsa"))
+
+
+def cacert(host: Host) -> Path:
+    """The switch CA certificate a CA-signed scenario gave this host."""
+    return host.dir / "cacert.pem"
+
+
+AUTH = {"psk": psk, "cert": cert, "ca": ca, "ca-rsa": ca_rsa}

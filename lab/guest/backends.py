@@ -4,6 +4,7 @@ A backend starts and stops its daemon for one lab host and tells the monitor how
 Another daemon is one more class with the same members, registered in BACKENDS.
 """
 
+import re
 import signal
 from pathlib import Path
 
@@ -88,15 +89,67 @@ class LibreSwan(_Daemon):
         (root / "usr/sbin/ipsec").symlink_to("/usr/sbin/ipsec")
         host.sh.run(["certutil", "-N", "-d", f"sql:{root}/nss", "--empty-password"])
         conf, secrets = root / "etc/ipsec.conf", root / "etc/ipsec.secrets"
-        conf.write_text(IPSEC_CONF.format(name=host.name, root=root))
+        self._write_conf(host, conf)
         secrets.write_text(f"include {root}/etc/ipsec.d/*.secrets\n")
         self._spawn(host, f"mkdir -p /run/pluto && exec /usr/libexec/ipsec/pluto --nofork --config {conf}"
                     f" --secretsfile {secrets} --nssdir {root}/nss --rundir {root}/run"
                     f" --ipsecdir {root}/etc/ipsec.d --logfile {host.dir}/pluto.log", self.ctl(host), "pluto.out")
+
+    def _write_conf(self, host: Host, conf: Path) -> None:
+        conf.write_text(IPSEC_CONF.format(name=host.name, root=self.root(host)))
 
     def monitor_args(self, host: Host) -> list:
         return ["--ike-daemon", "libreswan", "--root-prefix", self.root(host), "--ipsec-conf", "/etc/ipsec.conf",
                 "--ipsec-secrets", "/etc/ipsec.secrets", "--ipsec-d", "/nss", "--ipsec-ctl", "/run/pluto.ctl"]
 
 
-BACKENDS = {"strongswan": StrongSwan, "libreswan": LibreSwan}
+ROOT_CONF = """\
+## A read-only root config. ##
+# LibreSwan for lab host {name}; written by lab/guest/backends.py (LibreSwanCustomConf), as
+# upstream's test "custom conf, default crypto": the monitor writes only what this includes.
+config setup
+    logtime=yes
+    logappend=yes
+
+include {root}/etc/custom.conf
+"""
+
+
+class LibreSwanCustomConf(LibreSwan):
+    """upstream's "ipv4, geneve, custom conf, default crypto" (tests/system-ipsec.at): pluto reads a
+    read-only root ipsec.conf (mode 0444) that includes the monitor's file; the monitor runs with
+    --ipsec-conf /etc/custom.conf --root-ipsec-conf <that root file> --use-default-crypto, so no
+    ike=/esp= line is written and both ends use pluto's default proposals. checks() says whether
+    the files show that: no ike=, ikev2=, esp= line, no `conn %default`, the root file untouched."""
+
+    name = "libreswan-custom-conf"
+
+    def start(self, host: Host) -> None:
+        root = self.root(host)
+        (root / "etc").mkdir(parents=True, exist_ok=True)
+        conf = root / "etc/ipsec.conf"
+        conf.write_text(ROOT_CONF.format(name=host.name, root=root))
+        conf.chmod(0o444)
+        super().start(host)
+
+    def _write_conf(self, host: Host, conf: Path) -> None:
+        """The root file is the operator's: left as start() wrote it."""
+
+    def monitor_args(self, host: Host) -> list:
+        return [*super().monitor_args(host), "--ipsec-conf", "/etc/custom.conf",
+                "--root-ipsec-conf", self.root(host) / "etc/ipsec.conf", "--use-default-crypto"]
+
+    def checks(self, host: Host) -> dict:
+        root = self.root(host)
+        written = "".join(p.read_text() for p in [root / "etc/custom.conf", *sorted(root.glob("etc/ipsec.d/*.conf"))]
+                          if p.exists())
+        return {
+            "root_conf_untouched": (root / "etc/ipsec.conf").read_text() == ROOT_CONF.format(name=host.name, root=root),
+            "custom_conf_written": "include" in ((root / "etc/custom.conf").read_text()
+                                                 if (root / "etc/custom.conf").exists() else ""),
+            "no_crypto_lines": not re.search(r"^\s*(ike|ikev2|esp)=", written, re.M),
+            "no_conn_default": "conn %default" not in written,
+        }
+
+
+BACKENDS = {"strongswan": StrongSwan, "libreswan": LibreSwan, "libreswan-custom-conf": LibreSwanCustomConf}

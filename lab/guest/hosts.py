@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proc import Shell, stop_pidfile, wait_for
-from scenario import OVERLAY, UNDERLAYS, Scenario
+from scenario import OVERLAY, THIRD, UNDERLAYS, Scenario
 
 OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 BRIDGE = "br-ipsec"
 TUNNEL_PORT = "tun"
+SWITCH = "lsw"   # the namespace of the switch when there are three hosts
 
 
 @dataclass
@@ -73,9 +74,12 @@ class Host:
         self.sh.run(["ip", "addr", "add", f"{self.overlay_ip}/{OVERLAY[2]}", "dev", BRIDGE], netns=self.name)
         self.sh.run(["ip", "link", "set", BRIDGE, "up"], netns=self.name)
 
-    def add_tunnel(self, scenario: Scenario, peer: "Host", auth_options: dict) -> None:
-        options = {"local_ip": self.ip, "remote_ip": peer.ip, **auth_options, **scenario.options}
-        self.vsctl("add-port", BRIDGE, TUNNEL_PORT, "--", "set", "interface", TUNNEL_PORT,
+    def add_tunnel(self, scenario: Scenario, peer: "Host", auth_options: dict, name: str = TUNNEL_PORT) -> None:
+        # Without local_ip (upstream's "defaultroute" cases) the IKE daemon picks the address of
+        # the route to the peer: LibreSwan's %defaultroute, strongSwan's %any.
+        local = {"local_ip": self.ip} if scenario.local_ip else {}
+        options = {**local, "remote_ip": peer.ip, **auth_options, **scenario.options}
+        self.vsctl("add-port", BRIDGE, name, "--", "set", "interface", name,
                    f"type={scenario.tunnel}", *[f"options:{k}={v}" for k, v in options.items()])
 
     # --- diagnostics ------------------------------------------------------------------------
@@ -102,34 +106,59 @@ class Host:
 
 
 class Topology:
-    """Namespaces h1 and h2 and the veth pair u1 <-> u2 between them."""
+    """Namespaces h1 and h2 and the veth pair u1 <-> u2 between them. With a third host (scenario
+    third_host), h3 too, and the three on one switch (a bridge in namespace `lsw`, as upstream's
+    br0), h2's end still u2; h3 is `third`, outside `hosts`, until it joins (guest/third.py)."""
 
     def __init__(self, scenario: Scenario, workdir: Path, sh: Shell):
         ip1, ip2, prefix = UNDERLAYS[scenario.underlay]
         self.family = scenario.underlay
+        self.default_routes = not scenario.local_ip
         self.hosts = [
             Host("h1", "u1", ip1, prefix, OVERLAY[0], workdir / "h1", sh),
             Host("h2", "u2", ip2, prefix, OVERLAY[1], workdir / "h2", sh),
         ]
+        self.third = (Host("h3", "u3", THIRD[scenario.underlay], prefix, THIRD["overlay"], workdir / "h3", sh)
+                      if scenario.third_host else None)
         self.sh = sh
+
+    @property
+    def all_hosts(self) -> list:
+        return self.hosts + ([self.third] if self.third else [])
 
     def up(self) -> None:
         h1, h2 = self.hosts
-        for h in self.hosts:
+        for h in self.all_hosts:
             h.dir.mkdir(parents=True, exist_ok=True)
             self.sh.run(["ip", "netns", "add", h.name])
             self.sh.run(["ip", "link", "set", "lo", "up"], netns=h.name)
-        self.sh.run(["ip", "link", "add", h1.dev, "netns", h1.name, "type", "veth",
-                     "peer", "name", h2.dev, "netns", h2.name])
-        for h in self.hosts:
+        if self.third:
+            self.sh.run(["ip", "netns", "add", SWITCH])
+            self.sh.run(["ip", "link", "add", "br0", "type", "bridge"], netns=SWITCH)
+            self.sh.run(["ip", "link", "set", "br0", "up"], netns=SWITCH)
+            for index, h in enumerate(self.all_hosts, start=1):
+                self.sh.run(["ip", "link", "add", h.dev, "netns", h.name, "type", "veth",
+                             "peer", "name", f"s{index}", "netns", SWITCH])
+                self.sh.run(["ip", "link", "set", f"s{index}", "master", "br0", "up"], netns=SWITCH)
+        else:
+            self.sh.run(["ip", "link", "add", h1.dev, "netns", h1.name, "type", "veth",
+                         "peer", "name", h2.dev, "netns", h2.name])
+        for h in self.all_hosts:
             extra = ["nodad"] if self.family == "ipv6" else []
             self.sh.run(["ip", "addr", "add", f"{h.ip}/{h.prefix}", "dev", h.dev, *extra], netns=h.name)
             self.sh.run(["ip", "link", "set", h.dev, "up"], netns=h.name)
+        if self.default_routes:
+            # As upstream's test harness: each node's default route goes through its peer, which is
+            # what %defaultroute (LibreSwan) and %any (strongSwan) resolve a tunnel without local_ip by.
+            for h, peer in ((h1, h2), (h2, h1)):
+                self.sh.run(["ip", "route", "add", "default", "via", peer.ip, "dev", h.dev], netns=h.name)
         ok = wait_for(lambda: self.sh.run(["ping", "-c1", "-W1", h2.ip], netns=h1.name,
                                           check=False).returncode == 0, timeout=10)
         if not ok:
             raise RuntimeError(f"underlay {h1.ip} -> {h2.ip} does not answer ping")
 
     def down(self) -> None:
-        for h in self.hosts:
+        for h in self.all_hosts:
             self.sh.run(["ip", "netns", "del", h.name], check=False)
+        if self.third:
+            self.sh.run(["ip", "netns", "del", SWITCH], check=False)

@@ -28,6 +28,8 @@ import guard                                               # noqa: E402
 import lastgood                                            # noqa: E402
 import ovn                                                 # noqa: E402
 import scenario as scenarios                                # noqa: E402
+import third                                                # noqa: E402
+import upstream                                             # noqa: E402
 import userspace                                           # noqa: E402
 import userspace_perf                                      # noqa: E402
 from auth import AUTH, PSK, STATUS_AUTH                     # noqa: E402
@@ -181,7 +183,7 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
     steps = Steps(sc.name, sh)
     result = {**sc.summary(), "ping_ok": False, "esp_packets": 0, "plaintext_packets": None,
               "ike_packets": 0, "status_ok": False, "auth_ok": False, "oracle_ok": False, "pass": False,
-              "error": None, "status": {}}
+              "error": None, "status": {}, "checks": {}}
     say(f"[{sc.name}] start: {sc.tunnel}/{sc.auth}/{sc.backend} by {sc.control}, {sc.underlay} underlay, "
         f"options {sc.options}")
     try:
@@ -191,18 +193,25 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
         steps("capture")
         capture.start()
         steps("daemons")
-        monitors = [Monitor(h1, backend, tunnel_name(sc, h2)), Monitor(h2, backend, tunnel_name(sc, h1))]
+        monitors = [make_monitor(sc, backend, h1, h2), make_monitor(sc, backend, h2, h1)]
         if control:
             control.start()
-        bring_up(monitors, backend)
+        if sc.peer_delay:
+            late_peer(sc, backend, monitors, steps, result)
+        else:
+            bring_up(monitors, backend)
         if events:
             events.start()
         steps(sc.control)
-        # Two operators, one per hypervisor, at the same time.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(lambda pair: configure(sc, control, *pair), ((h1, h2), (h2, h1))))
+        if not sc.peer_delay:
+            # Two operators, one per hypervisor, at the same time.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                list(pool.map(lambda pair: configure(sc, control, *pair), zip(monitors, (h2, h1), strict=True)))
         steps("establish")
+        trigger = start_trigger(topology, monitors) if sc.trap_only else None
         established, _ = wait_established(monitors)
+        if trigger:
+            trigger.result()
         say(f"[{sc.name}] monitors report established: {established} ({steps.elapsed()}s)")
         # The operator's status command runs while h1 pings (Python start-up overlaps the ping).
         steps("ping")
@@ -218,12 +227,17 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
                                                   for m in monitors)
         result["auth_ok"] = all(auth_matches(sc, m, statuses.get(m.host.name), peer)
                                 for m, peer in zip(monitors, (h2, h1), strict=True))
+        if hasattr(backend, "checks"):
+            for h in topology.hosts:
+                result["checks"].update({f"{h.name}_{k}": v for k, v in backend.checks(h).items()})
         if sc.expect == "guarded":
             guard_phases(topology, capture, steps, result, out)
         if sc.expect == "last-good":
             steps("last-good")
             result.update(lastgood.phases(h1, monitors[0], monitors[0].tunnel, PSK,
                                           lambda: _ping_counts(topology, out)))
+        if sc.third_host:
+            third.phase(sc, topology, backend, monitors, steps, result, out)
         if capture_golden:
             steps("golden")
             golden.capture(sc.name, backend, topology.hosts)
@@ -259,7 +273,8 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
             result["error"] = result["error"] or f"capture: {e}"
         teardown(topology, backend, control, monitors, out)
         steps("done")
-    result["pass"] = bool(not result["error"] and EXPECTATIONS[sc.expect](result))
+    # Named checks of a scenario kind (a backend's files, a late peer's quiet wait) must all hold too.
+    result["pass"] = bool(not result["error"] and EXPECTATIONS[sc.expect](result) and all(result["checks"].values()))
     result["seconds"] = steps.elapsed()
     result["step_seconds"] = steps.times
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -268,30 +283,96 @@ def run_scenario(sc: scenarios.Scenario, capture_golden: bool = False) -> dict:
 
 def bring_up(monitors: list, backend) -> None:
     """Both hosts' daemons at the same time, as two hypervisors would boot: on each, OVS and the
-    IKE daemon (independent of each other), then the monitor, which needs both."""
+    IKE daemon (independent of each other), then the monitor, which needs both. (Upstream's
+    strongSwan mode starts its own charon: no IKE daemon is started for it.)"""
     with ThreadPoolExecutor(max_workers=2 * len(monitors)) as pool:
-        started = [pool.submit(fn, m.host) for m in monitors for fn in (Host.start_ovs, backend.start)]
+        started = [pool.submit(Host.start_ovs, m.host) for m in monitors]
+        started += [pool.submit(backend.start, m.host) for m in monitors if getattr(m, "needs_backend", True)]
         for f in started:
             f.result()
         for f in [pool.submit(m.start) for m in monitors]:
             f.result()
 
 
+def make_monitor(sc: scenarios.Scenario, backend, host: Host, peer: Host):
+    """Ours, or Debian's upstream ovs-monitor-ipsec on the host the scenario names (guest/upstream.py)."""
+    if sc.upstream == host.name:
+        return upstream.UpstreamMonitor(host, backend, tunnel_name(sc, peer), peer,
+                                        children=1 if sc.tunnel == "gre" else 2)
+    return Monitor(host, backend, tunnel_name(sc, peer))
+
+
 def tunnel_name(sc: scenarios.Scenario, peer: Host) -> str:
     return ovn.tunnel_name(peer) if sc.control == "ovn" else TUNNEL_PORT
 
 
-def configure(sc: scenarios.Scenario, control, host: Host, peer: Host) -> None:
-    """What the operator types on one hypervisor: the bridge, the auth settings, the tunnel
-    (and, for "guarded", the guard and the non-IPsec tunnel first). With OVN: the chassis
-    settings, ovn-controller and a logical port; OVN makes the tunnel."""
+def configure(sc: scenarios.Scenario, control, monitor, peer: Host) -> None:
+    """What the operator types on one hypervisor (monitor.host): the bridge, the auth settings,
+    the tunnel (and, for "guarded", the guard and the non-IPsec tunnel first). With OVN: the
+    chassis settings, ovn-controller and a logical port; OVN makes the tunnel."""
+    host = monitor.host
     if control:
         control.join(host, peer)
         return
     if sc.expect == "guarded":
         guard.configure(host, peer)
     host.add_bridge()
-    host.add_tunnel(sc, peer, AUTH[sc.auth](host, peer))
+    options = AUTH[sc.auth](host, peer)
+    if sc.auth.startswith("ca") and hasattr(monitor, "trust_ca"):
+        monitor.trust_ca(host.dir / "cacert.pem")   # upstream on strongSwan: the tutorial's cacerts step
+    host.add_tunnel(sc, peer, options)
+
+
+def start_trigger(topology: Topology, monitors: list):
+    """The first overlay packets, from h1, while the runner waits for the SAs: in a trap-only
+    scenario (Scenario.trap_only) they are what starts IKE, as a VM's first packet would. They
+    start once every monitor has loaded the tunnel's connections (its trap is in): a packet sent
+    before that leaves in the clear because nothing is configured yet, which would be the lab's
+    doing, not the monitor's."""
+    h1, h2 = topology.hosts
+
+    def loaded(m) -> bool:
+        entry = next((t for t in _ask(m.poll).get("tunnels", []) if t.get("name") == m.tunnel), None)
+        return bool(entry) and entry.get("state") in ("loaded", "negotiating", "established")
+
+    def trigger():
+        wait_for(lambda: all(loaded(m) for m in monitors), timeout=ESTABLISH_TIMEOUT / 2, interval=0.5)
+        return h1.sh.run(["ping", "-c", "8", "-i", "1", "-W", "1", h2.overlay_ip], netns=h1.name,
+                         check=False, timeout=30)
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(trigger)
+    pool.shutdown(wait=False)
+    return future
+
+
+def late_peer(sc: scenarios.Scenario, backend, monitors: list, steps: Steps, result: dict) -> None:
+    """upstream's "reconciliation interval" case: h1 alone (daemons up, tunnel configured) for
+    sc.peer_delay seconds, during which its connection must be loaded once and never replaced or
+    removed (checks no_flap_*); then h2 boots and is configured, and the tunnel must come up."""
+    first, second = monitors
+    bring_up([first], backend)
+    configure(sc, None, first, second.host)
+    time.sleep(sc.peer_delay)
+    counts = applied_actions(first.host.dir / "ovs-monitor-ipsec.log")
+    result["late_peer_h1_actions"] = counts
+    result["checks"]["no_flap_loaded_once"] = counts.get("LoadConn", 0) == 1
+    result["checks"]["no_flap_never_unloaded"] = counts.get("UnloadConn", 0) == 0
+    steps("late-peer")
+    bring_up([second], backend)
+    configure(sc, None, second, first.host)
+    result["late_peer_configured_at"] = steps.elapsed()
+
+
+def applied_actions(log: Path) -> dict:
+    """How many actions of each kind our monitor applied, from its per-pass "applied ..." lines."""
+    counts: dict = {}
+    text = log.read_text(errors="replace") if log.exists() else ""
+    for line in text.splitlines():
+        if "| INFO | applied " in line:
+            for number, kind in re.findall(r"(\d+) (\w+)", line.split(" applied ", 1)[1].split(" for ")[0]):
+                counts[kind] = counts.get(kind, 0) + int(number)
+    return counts
 
 
 def guard_phases(topology: Topology, capture: Capture, steps: Steps, result: dict, out: Path) -> None:
@@ -333,7 +414,7 @@ def teardown(topology: Topology, backend, control, monitors: list, out: Path) ->
     daemon, OVS; then the OVN central), keep their logs, drop the netns. The two hosts are torn
     down in parallel."""
     by_host = {m.host.name: m for m in monitors}
-    hosts = [h for h in topology.hosts if h.dir.exists()]
+    hosts = [h for h in topology.all_hosts if h.dir.exists()]
 
     def state(host):
         # Both snapshots before anything stops: a stopping charon deletes its peer's SAs too.
@@ -346,7 +427,8 @@ def teardown(topology: Topology, backend, control, monitors: list, out: Path) ->
             _quietly(by_host[host.name].stop)
         _quietly(backend.stop, host)
         _quietly(host.stop_ovs)
-        logs = ("ovsdb-server.log", "ovs-vswitchd.log", *backend.logs, *Monitor.logs,
+        monitor_logs = by_host[host.name].logs if host.name in by_host else Monitor.logs
+        logs = ("ovsdb-server.log", "ovs-vswitchd.log", *backend.logs, *monitor_logs,
                 *(control.chassis_logs if control else ()))
         for log in logs:
             if (host.dir / log).exists():

@@ -8,8 +8,9 @@ from pathlib import Path
 DEFAULT_PORTS = {"geneve": 6081, "vxlan": 4789}
 TUNNELS = ("gre", "geneve", "vxlan")
 # psk: options:psk; cert: self-signed certificates (options:remote_cert); ca: CA-signed
-# certificates (other_config:ca_cert + options:remote_name). How: guest/auth.py.
-AUTHS = ("psk", "cert", "ca", "manual")  # manual: ESP keys set by hand (control = "userspace-esp")
+# certificates (other_config:ca_cert + options:remote_name); ca-rsa: the same with RSA keys, as
+# upstream's ovs-pki makes them (upstream peers need them). How: guest/auth.py.
+AUTHS = ("psk", "cert", "ca", "ca-rsa", "manual")  # manual: ESP keys set by hand (control = "userspace-esp")
 # What a scenario must show to pass; the rules are in runner.EXPECTATIONS (netns hosts) and
 # systemd_lab.EXPECTATIONS (systemd hosts).
 EXPECTS = ("encrypted", "guarded", "last-good", "interop", "throughput", "lifecycle", "upgrade", "reboot")
@@ -18,7 +19,12 @@ EXPECTS = ("encrypted", "guarded", "last-good", "interop", "throughput", "lifecy
 # guest/systemd_lab.py). systemd hosts need the host image (labhost/hostimage.py), booted apart.
 HOSTS = ("netns", "systemd")
 SYSTEMD_EXPECTS = ("lifecycle", "upgrade", "reboot")
-BACKENDS = ("strongswan", "libreswan", "none")
+# libreswan-custom-conf: pluto reads a read-only root ipsec.conf that includes the monitor's
+# --ipsec-conf, and the monitor runs with --root-ipsec-conf and --use-default-crypto.
+BACKENDS = ("strongswan", "libreswan", "libreswan-custom-conf", "none")
+# Which host runs Debian's upstream ovs-monitor-ipsec instead of ours (guest/upstream.py): none, h1
+# (the lower address: upstream initiates, ours is the responder) or h2 (ours initiates).
+UPSTREAM_HOSTS = ("", "h1", "h2")
 # Who creates the tunnel: the operator with ovs-vsctl on each host, or OVN (guest/ovn.py: each
 # host an OVN chassis, ovn-controller makes the tunnel after `ovn-nbctl set nb_global . ipsec=true`).
 # userspace-esp (guest/userspace.py): h1 a netdev hypervisor with our userspace ESP bump, h2 a
@@ -31,6 +37,8 @@ UNDERLAYS = {
 }
 # The overlay addresses on br-ipsec, as in upstream's tests/system-ipsec.at.
 OVERLAY = ("192.0.0.1", "192.0.0.2", 24)
+# The third host of `third_host` scenarios: its underlay address (same segment) and overlay address.
+THIRD = {"ipv4": "10.0.0.3", "ipv6": "fd00:10::3", "overlay": "192.0.0.3"}
 
 
 @dataclass(frozen=True)
@@ -44,15 +52,25 @@ class Scenario:
     expect: str = "encrypted"
     control: str = "ovs-vsctl"
     host: str = "netns"
-    # Not in the default run (make check); `lab/run.sh --extended` or `make lab-extended` adds it.
+    # Not in the default run (make check); `lab/run.sh --full` or `--only` runs it.
     extended: bool = False
     # other_config:ipsec_skb_mark on both hosts (systemd scenarios; "" = unset).
     skb_mark: str = ""
+    # Upstream's cases (issue 13): who runs upstream's monitor (UPSTREAM_HOSTS); tunnels without
+    # local_ip (each host then has a default route via its peer, as upstream's harness); the peer
+    # configured this many seconds after h1 (its daemons started then too).
+    upstream: str = ""
+    local_ip: bool = True
+    peer_delay: int = 0
+    # "established conns survive a third host joining": h1, h2 and h3 on one switch; once h1-h2 is up,
+    # h3 joins with a tunnel to h1 (guest/third.py), and the h1-h2 SAs must not change.
+    third_host: bool = False
 
     def __post_init__(self):
         for value, allowed in ((self.tunnel, TUNNELS), (self.auth, AUTHS),
                                (self.backend, BACKENDS), (self.underlay, tuple(UNDERLAYS)),
-                               (self.expect, EXPECTS), (self.control, CONTROLS), (self.host, HOSTS)):
+                               (self.expect, EXPECTS), (self.control, CONTROLS), (self.host, HOSTS),
+                               (self.upstream, UPSTREAM_HOSTS)):
             if value not in allowed:
                 raise ValueError(f"scenario {self.name}: {value!r} is not one of {', '.join(allowed)}")
         # OVN encapsulates in Geneve or VXLAN, names peers by chassis (CA-signed certificates) and
@@ -78,6 +96,24 @@ class Scenario:
                 (self.host == "systemd" and (self.backend != "strongswan" or self.control != "ovs-vsctl")):
             raise ValueError(f"scenario {self.name}: expect {', '.join(SYSTEMD_EXPECTS)} is for host = "
                              "\"systemd\" (strongswan, ovs-vsctl), and systemd hosts need one of them")
+        if self.upstream and (self.control != "ovs-vsctl" or self.expect != "encrypted" or self.auth in ("ca", "cert")
+                              or self.backend not in ("strongswan", "libreswan")):
+            raise ValueError(f"scenario {self.name}: an upstream peer needs ovs-vsctl, expect encrypted, auth psk "
+                             "or ca-rsa (upstream writes RSA key lines) and backend strongswan or libreswan")
+        if self.peer_delay and (self.control != "ovs-vsctl" or self.upstream):
+            raise ValueError(f"scenario {self.name}: peer_delay needs ovs-vsctl and our monitor on both hosts")
+        if self.third_host and (self.control != "ovs-vsctl" or self.upstream or self.peer_delay or self.auth != "psk"
+                                or self.expect != "encrypted"):
+            raise ValueError(f"scenario {self.name}: third_host needs ovs-vsctl, psk, expect encrypted and our "
+                             "monitor on every host")
+
+    @property
+    def trap_only(self) -> bool:
+        """No monitor initiates by itself: the first tunnel packet must (a PSK tunnel without
+        local_ip has no initiator rule both ends agree on; upstream's strongSwan mode is auto=route)."""
+        upstream_initiates = self.upstream == "h1"
+        return ((not self.local_ip and self.auth == "psk")
+                or (upstream_initiates and self.backend == "strongswan"))
 
     @property
     def port(self):
@@ -97,7 +133,8 @@ class Scenario:
         return {"name": self.name, "tunnel": self.tunnel, "auth": self.auth, "backend": self.backend,
                 "underlay": self.underlay, "options": dict(self.options), "expect": self.expect,
                 "control": self.control, "host": self.host, "extended": self.extended,
-                "skb_mark": self.skb_mark}
+                "skb_mark": self.skb_mark, "upstream": self.upstream, "local_ip": self.local_ip,
+                "peer_delay": self.peer_delay, "third_host": self.third_host}
 
 
 def load(path: Path) -> list:

@@ -40,7 +40,16 @@ BASE_PACKAGES = (
     "iproute2", "tcpdump", "iputils-ping", "kmod", "procps",
     "python3",                          # Debian's python3, runs the monitor and the guest runner
     "ovn-central", "ovn-host",          # NB/SB ovsdb-servers, ovn-northd, ovn-controller (OVN scenarios)
+    # Debian's upstream ovs-monitor-ipsec (/usr/share/openvswitch/scripts) for the mixed-cluster
+    # scenarios (lab/guest/upstream.py), and openssl, which its LibreSwan mode runs (pkcs12).
+    "openvswitch-ipsec", "openssl",
 )
+# strongSwan's starter (`ipsec`, stroke) and its charon: upstream's strongSwan mode drives charon
+# through them. Debian 13's strongswan-charon conflicts with charon-systemd as a package (not in a
+# file), and both releases' starter with libreswan: they are unpacked like LibreSwan, before it,
+# and strongSwan's `ipsec` is kept as /usr/sbin/ipsec.strongswan (LibreSwan's takes /usr/sbin/ipsec).
+STARTER_PACKAGES = ("strongswan-starter", "strongswan-charon")
+STRONGSWAN_IPSEC = "usr/sbin/ipsec.strongswan"
 
 
 @dataclass(frozen=True)
@@ -269,7 +278,8 @@ def _download_libreswan(apt: Apt, folder: Path, version: str) -> tuple:
 
 def build_base(distro: Distro, apt: Apt, kernel: Kernel, force: bool = False) -> Path:
     libreswan = apt.candidate(distro.libreswan)
-    key = digest(distro, f"{distro.libreswan}={libreswan}", kernel.key, *MODULE_EXCLUDES)
+    starter = [f"{p}={apt.candidate(p)}" for p in STARTER_PACKAGES]
+    key = digest(distro, f"{distro.libreswan}={libreswan}", kernel.key, *MODULE_EXCLUDES, *starter)
     stage = _stage(distro, "base")
     final = stage / key
     image = final / "base.img"
@@ -280,11 +290,14 @@ def build_base(distro: Distro, apt: Apt, kernel: Kernel, force: bool = False) ->
     rootfs = tmp / "rootfs"
     rootfs.mkdir(parents=True)
     deb, libreswan_deps = _download_libreswan(apt, tmp / "debs", libreswan)
+    starter_debs = [apt.download(spec, tmp / "debs") for spec in starter]
     with Timer(f"debootstrap {distro.suite} from {apt.mirror}"):
         run(["debootstrap", "--variant=minbase", f"--include={','.join(distro.packages + tuple(libreswan_deps))}",
              distro.suite, rootfs, apt.mirror], capture_output=True, text=True)
-    # --keep-directory-symlink: the .deb may ship /lib/..., and /lib is a symlink (merged /usr).
-    run(["bash", "-c", f"set -o pipefail; dpkg-deb --fsys-tarfile {deb} | tar -x --keep-directory-symlink -C {rootfs}"])
+    for unpacked in starter_debs:
+        _unpack(unpacked, rootfs)
+    shutil.copy2(rootfs / "usr/sbin/ipsec", rootfs / STRONGSWAN_IPSEC)
+    _unpack(deb, rootfs)
     shutil.rmtree(deb.parent)
     with Timer("install kernel modules"):
         _install_modules(kernel, rootfs)
@@ -302,6 +315,12 @@ def build_base(distro: Distro, apt: Apt, kernel: Kernel, force: bool = False) ->
     replace_dir(tmp, final)
     prune(stage, key)
     return image
+
+
+def _unpack(deb: Path, rootfs: Path) -> None:
+    """A .deb's files over the root, without dpkg (see STARTER_PACKAGES and Distro.libreswan)."""
+    # --keep-directory-symlink: the .deb may ship /lib/..., and /lib is a symlink (merged /usr).
+    run(["bash", "-c", f"set -o pipefail; dpkg-deb --fsys-tarfile {deb} | tar -x --keep-directory-symlink -C {rootfs}"])
 
 
 def _install_modules(kernel: Kernel, rootfs: Path) -> None:
