@@ -167,6 +167,7 @@ def test_root_ipsec_conf_and_default_crypto(sandbox, swan):
 @pytest.mark.parametrize("swan", [pytest.param(StrongSwan(), marks=pytest.mark.upstream_full), LibreSwan()],
                          ids=lambda swan: swan.name, indirect=True)
 @pytest.mark.parametrize("family", [4, pytest.param(6, marks=pytest.mark.upstream_full)], ids=["ipv4", "ipv6"])
+@pytest.mark.upstream_full  # 17 s or more per case: make functional-upstream
 def test_a_peer_that_appears_late_comes_up_and_nothing_flaps_meanwhile(sandbox, swan, family):
     """upstream: "ipv4|ipv6, reconciliation interval". a is configured while its peer does not exist;
     five other tunnels to absent hosts come and go. For 12 s, which with --resync-interval=5 holds
