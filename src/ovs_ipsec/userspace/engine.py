@@ -248,12 +248,9 @@ class Engine:
             self._count("uplink_malformed")
             return None
         start = frames.ETH_LEN + ihl
-        port = int.from_bytes(frame[start + 2:start + 4], "big") if protocol == frames.IPPROTO_UDP else 0
-        state = self._out.get((dst, protocol, port))
-        if state is None or state.local != src:
-            self._unprotected(protocol, port, dst, src)
+        state = self._tunnel_of(frame, start, protocol, src, dst)
+        if state is None:
             return None
-        self.bridge_macs[src] = frame[6:12]  # br-phy's MAC, kept current (it can change on restart)
         if flags_frag & 0x3FFF:
             # OVS sets DF on tunnel packets and never fragments them: a fragment here is not ours.
             state.out.drop("fragment")
@@ -293,6 +290,17 @@ class Engine:
         else:
             self._count("uplink_not_tunnel")
         return None
+
+    def _tunnel_of(self, frame: bytes, start: int, protocol: int, src: bytes, dst: bytes) -> TunnelState | None:
+        """The tunnel a packet from br-phy belongs to, by destination, protocol and UDP port; None
+        (counted when it looks like tunnel traffic) when it is not one of ours."""
+        port = int.from_bytes(frame[start + 2:start + 4], "big") if protocol == frames.IPPROTO_UDP else 0
+        state = self._out.get((dst, protocol, port))
+        if state is None or state.local != src:
+            self._unprotected(protocol, port, dst, src)
+            return None
+        self.bridge_macs[src] = frame[6:12]  # br-phy's MAC, kept current (it can change on restart)
+        return state
 
     def _seal(self, state: TunnelState, payload: bytes, next_header: int) -> bytes | None:
         """The ESP packet under the next sequence number, reserved on disk first when the last
@@ -351,13 +359,10 @@ class Engine:
             return None
         if next_header == frames.IPPROTO_ICMPV6:
             return self._icmpv6(frame, start, end, src)
-        port = int.from_bytes(frame[start + 2:start + 4], "big") if next_header == frames.IPPROTO_UDP else 0
-        state = self._out.get((dst, next_header, port))
-        if state is None or state.local != src:
-            # Extension headers (OVS puts none on tunnel packets) end up here too: not ours.
-            self._unprotected(next_header, port, dst, src)
+        # Extension headers (OVS puts none on tunnel packets) end up as not ours too.
+        state = self._tunnel_of(frame, start, next_header, src, dst)
+        if state is None:
             return None
-        self.bridge_macs[src] = frame[6:12]  # br-phy's MAC, kept current (it can change on restart)
         payload = frame[start:end]
         size = IPV6_HEADER_LEN + len(payload) + esp.esp_overhead(len(payload))
         if state.path_mtu is not None and size > state.path_mtu:
