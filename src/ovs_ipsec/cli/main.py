@@ -119,6 +119,22 @@ def ovs_dirs(database: str, environ: Mapping[str, str], package_rundir: str, pac
     return rundir, logdir
 
 
+def one_malloc_arena() -> None:
+    """Have glibc serve every thread from one malloc arena, as MALLOC_ARENA_MAX=1 would.
+
+    By default each thread that allocates gets an arena of its own; the worker thread's held
+    7 MB of the monitor's 74 MB peak at 5000 tunnels, in pages freed by one thread and reused by
+    none. The GIL already serialises the threads' allocations, so one arena costs no parallelism.
+    """
+    import ctypes
+
+    m_arena_max = -8  # from glibc's malloc.h
+    try:
+        ctypes.CDLL(None).mallopt(m_arena_max, 1)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def run_monitor(args: argparse.Namespace) -> int:
     import ovs.daemon
     import ovs.dirs
@@ -160,6 +176,7 @@ def run_monitor(args: argparse.Namespace) -> int:
         # exits with our status, so with --detach a fatal error still fails the start (systemd's
         # Type=forking sees it) instead of exiting 0 and leaving a silent restart loop.
         ovs.daemon.daemonize_start()
+        one_malloc_arena()  # before the first thread
         backend: Backend
         if args.ike_daemon == "libreswan":
             from ..backends.libreswan.backend import LibreSwanBackend

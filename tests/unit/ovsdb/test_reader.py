@@ -85,3 +85,41 @@ def test_rows_deleted_while_disconnected_are_noticed(db):
         assert not {uuids["a"], uuids["b"]} & later.interfaces.keys()
     finally:
         reader.close()
+
+
+def test_only_netdev_bridges_and_their_ports_are_replicated_and_never_half(db):
+    """A kernel-datapath host's Bridge and Port rows stay on the server (monitor_cond); a bridge
+    turned netdev has its ports asked for, and no snapshot shows its tunnel on the kernel's
+    datapath meanwhile (that snapshot would load it into the IKE daemon)."""
+    reader = OvsdbReader(db.remote)
+    seen: list[dict] = []
+
+    def settle(expected: dict) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if reader.run():
+                seen.append({row.name: row.datapath_type for row in reader.snapshot().interfaces.values()})
+                if seen[-1] == expected:
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"never {expected}: {seen}")
+
+    try:
+        add(db, "k1")
+        db.vsctl("add-br", "br-n", "--", "set", "bridge", "br-n", "datapath_type=netdev",
+                 "--", "add-port", "br-n", "n1", "--", "set", "interface", "n1", "type=geneve",
+                 "options:remote_ip=10.0.0.9", "options:psk=x")
+        settle({"br-ipsec": None, "k1": None, "br-n": "netdev", "n1": "netdev"})
+        assert [row.datapath_type for row in reader.idl.tables["Bridge"].rows.values()] == ["netdev"]
+        assert len(reader.idl.tables["Port"].rows) == 2  # br-n's own port and n1's
+        assert all(snapshot["n1"] == "netdev" for snapshot in seen if "n1" in snapshot)
+
+        seen.clear()
+        db.vsctl("set", "bridge", "br-ipsec", "datapath_type=netdev")
+        settle({"br-ipsec": "netdev", "k1": "netdev", "br-n": "netdev", "n1": "netdev"})
+        assert all(snapshot["k1"] == "netdev" for snapshot in seen)  # never half: no kernel k1 first
+        db.vsctl("set", "bridge", "br-n", "datapath_type=system")
+        settle({"br-ipsec": "netdev", "k1": "netdev", "br-n": None, "n1": None})
+        assert len(reader.idl.tables["Port"].rows) == 2  # br-n's ports dropped from the replica
+    finally:
+        reader.close()
