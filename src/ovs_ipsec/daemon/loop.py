@@ -96,6 +96,9 @@ class Monitor:
                     break
                 if self._reader.run():
                     self._worker.submit(self._reader.snapshot())
+                    # Hand the GIL to the worker now rather than after this pass's bookkeeping:
+                    # the change reaches the IKE daemon a few hundred microseconds sooner.
+                    time.sleep(0)
                 self._wakeup.drain()
                 self._status_writer.run(self._worker.snapshot)
                 poller = ovs.poller.Poller()
