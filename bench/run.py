@@ -625,9 +625,10 @@ def main() -> int:
     parser.add_argument("--mesh-hosts", default="20", help="full mesh: host counts (H hosts, H(H-1) tunnels)")
     parser.add_argument("--mesh-limit", type=float, default=300.0,
                         help="full mesh: cut-off for the establishment and for the repair, s")
-    parser.add_argument("--mesh-settle", type=float, default=35.0,
-                        help="full mesh: seconds between the established mesh and the charon kill (more than "
-                             "net.core.xfrm_acq_expires, 30 s: upstream's first trigger has left larval states)")
+    parser.add_argument("--mesh-settle", type=float, default=None,
+                        help="full mesh: seconds between the established mesh and the charon kill (default: 35 "
+                             "for ours, 170 for upstream: its trigger's ACQUIREs leave larval states in the kernel "
+                             "that outlive charon for 165 s and hide the next packets)")
     parser.add_argument("--mesh-kill", type=int, default=0,
                         help="full mesh: the host (from 1) whose charon is killed (0: the middle one)")
     parser.add_argument("--esp-seconds", type=float, default=5.0, help="userspace ESP: seconds per cell")
