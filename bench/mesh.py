@@ -206,7 +206,7 @@ def mesh_cell(impl: str, hosts_n: int, make_driver: Callable, charon_conf: str, 
     run.py's Ours or Upstreams for the host."""
     prefix = "om" + secrets.token_hex(2)
     total = hosts_n * (hosts_n - 1)
-    detail: dict = {"kind": "mesh", "impl": impl, "hosts": hosts_n, "tunnels": total, "ike": "strongswan",
+    detail: dict = {"kind": "mesh", "impl": impl, "hosts": hosts_n, "tunnels": total, "ike": "strongswan", "prefix": prefix,
                     "loadavg_1min_before": float(Path("/proc/loadavg").read_text().split()[0])}
     shutil.rmtree(workdir, ignore_errors=True)
     with Sandbox(prefix, workdir, keep_files=args.keep) as box:
