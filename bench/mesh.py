@@ -433,8 +433,39 @@ def run_section(hosts_list: list[int], impls: list[str], make_driver: Callable, 
             result["cells"].append(cell)
             (out / "mesh.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "mesh.md").write_text(table(result) + "\n")
+    plot(result, out / "mesh.png")
     print(table(result))
     return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Tunnels up against time, establishment and repair side by side, one line per cell (needs
+    matplotlib, as report.py's plot; without it the JSON and the table are still written)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, phase, title in ((axes[0], "establish", "from the first commit"),
+                               (axes[1], "repair", "after one host's charon is killed")):
+        for cell in result["cells"]:
+            points = cell.get(phase, {}).get("progress")
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            before = cell["tunnels"] if phase == "repair" else 0  # the whole mesh until the kill
+            axis.step((0.0, *xs), (before, *ys), where="post",
+                      label=f"{cell['impl']}, {cell['hosts']} hosts")
+        axis.set_title(f"Full mesh: {title}")
+        axis.set_xlabel("seconds")
+        axis.set_ylabel("tunnels with an IKE SA")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def _s(value) -> str:
