@@ -38,7 +38,7 @@ from common import (
     Ovsdb, SpdCounter, charon_children, log, memory_kb, system_jiffies, text, vici_session, wait_quiet,
 )
 
-from testsupport.procs import socket_answers, wait_for, wait_gone
+from testsupport.procs import wait_for, wait_gone
 from testsupport.sandbox import Host, Sandbox
 
 MESH_NET = "10.230.0"  # host i (from 1) is 10.230.0.i: ours initiates toward every higher address
@@ -325,14 +325,13 @@ def _repair(impl: str, hosts: list[Host], drivers: list, probes: list[Probe], tr
         new_pid = wait_for(lambda: _new_pid(driver, old_pid), args.mesh_limit, interval=0.05,
                            what="upstream's starter to restart charon")
         driver.up.charon_pid = new_pid
-    wait_for(lambda: socket_answers(driver.vici_path), 60, interval=0.02, what="the new charon's VICI socket")
+    wait_for(lambda: _answers(driver.vici_path), 60, interval=0.02, what="the new charon over VICI")
     out["charon_back_s"] = round(time.time() - t_kill, 3)
     progress = Progress(t_kill)
     listed_at = triggered_at = reached = loose_at = None
     state = MeshState(0, n * (n - 1), ())
     limit = args.mesh_limit
     while time.time() < t_kill + limit:
-        now = time.time()
         if listed_at is None:
             try:
                 _, children = charon_children(driver.vici_path, driver.prefix)
@@ -373,6 +372,15 @@ def _repair(impl: str, hosts: list[Host], drivers: list, probes: list[Probe], tr
     out["summary"] = (f"repaired {out['repaired_s']} s after the kill (charon back {out['charon_back_s']} s)"
                       + (f", {out['after_trigger_s']} s after the trigger" if triggered_at else ""))
     return out
+
+
+def _answers(vici_path: str) -> bool:
+    """The charon behind the socket answers a command (a socket that only accepts is not enough)."""
+    try:
+        vici_session(vici_path, timeout=5).version()
+        return True
+    except Exception:
+        return False
 
 
 def _new_pid(driver, old_pid: int) -> int | None:
