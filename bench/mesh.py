@@ -500,3 +500,20 @@ def table(result: dict) -> str:
                      f"| {rep.get('restarted_by', '–')} | {_s(rep.get('charon_back_s'))} "
                      f"| {cell.get('rss_mb', {}).get('monitor_max', '–')} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """python bench/mesh.py [results/mesh.json]: render mesh.md and mesh.png again from the JSON."""
+    path = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent / "results" / "mesh.json"
+    result = json.loads(path.read_text())
+    (path.parent / "mesh.md").write_text(table(result) + "\n")
+    plot(result, path.parent / "mesh.png")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    raise SystemExit(main(sys.argv))
