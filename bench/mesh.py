@@ -328,6 +328,9 @@ def _repair(impl: str, hosts: list[Host], drivers: list, probes: list[Probe], tr
     wait_for(lambda: _answers(driver.vici_path), 60, interval=0.02, what="the new charon over VICI")
     out["charon_back_s"] = round(time.time() - t_kill, 3)
     progress = Progress(t_kill)
+    # At the kill, by the count's definition: the killed host lists nothing, and its peers' SAs
+    # with it are all older than the kill (the loop only starts once charon answers again).
+    progress.points.append((0.0, n * (n - 1) - 2 * (n - 1)))
     listed_at = triggered_at = reached = loose_at = None
     state = MeshState(0, n * (n - 1), ())
     limit = args.mesh_limit
