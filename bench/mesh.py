@@ -70,9 +70,11 @@ def mesh_tunnels(index: int, hosts: int) -> list[tuple[str, str, str]]:
 
 def ike_peers(session) -> dict[str, float]:
     """{remote address: age in seconds of its youngest ESTABLISHED IKE SA} from list-sas. Upstream
-    may hold two SAs per peer (both ends triggered, an in and an out connection); one is enough."""
+    may hold two SAs per peer (both ends triggered, an in and an out connection); one is enough.
+    A blocking listing: with noblock, charon skips every SA a worker holds at that moment (one in the
+    middle of a CREATE_CHILD_SA's DH, say), and a busy mesh seemed to lose and regain tunnels."""
     peers: dict[str, float] = {}
-    for event in session.list_sas({"noblock": "yes"}):
+    for event in session.list_sas():
         for details in event.values():
             if text(details.get("state", b"")) != "ESTABLISHED":
                 continue
@@ -400,7 +402,7 @@ def _ovsdb(host: Host) -> Ovsdb:
 
 def _sa_count(probe: Probe) -> int:
     try:
-        return sum(1 for event in vici_session(probe.vici_path, 10).list_sas({"noblock": "yes"})
+        return sum(1 for event in vici_session(probe.vici_path, 10).list_sas()
                    for details in event.values() if text(details.get("state", b"")) == "ESTABLISHED")
     except Exception:
         return -1
