@@ -71,8 +71,7 @@ def mesh_tunnels(index: int, hosts: int) -> list[tuple[str, str, str]]:
 def ike_peers(session) -> dict[str, float]:
     """{remote address: age in seconds of its youngest ESTABLISHED IKE SA} from list-sas. Upstream
     may hold two SAs per peer (both ends triggered, an in and an out connection); one is enough.
-    A blocking listing: with noblock, charon skips every SA a worker holds at that moment (one in the
-    middle of a CREATE_CHILD_SA's DH, say), and a busy mesh seemed to lose and regain tunnels."""
+    A blocking listing: with noblock, charon skips every SA a worker holds at that moment."""
     peers: dict[str, float] = {}
     for event in session.list_sas():
         for details in event.values():
@@ -111,7 +110,9 @@ class MeshState:
 
 def mesh_state(peers: list[dict[str, float]], fresh_for: int | None = None, since: float | None = None) -> MeshState:
     """peers[i - 1] is host i's ike_peers(). With fresh_for (a host index) and since (seconds ago),
-    an SA between that host and a peer counts only when it is younger than `since`."""
+    an SA between that host and a peer counts only when it is younger than `since`. charon gives
+    an SA's age in whole seconds of its own clock, so one made 0.3 s ago may say 1: a second of slack
+    (an SA from before the kill is older than the settle period, 35 s or more)."""
     hosts = len(peers)
     missing = []
     for index in range(1, hosts + 1):
@@ -119,7 +120,7 @@ def mesh_state(peers: list[dict[str, float]], fresh_for: int | None = None, sinc
             if peer == index:
                 continue
             age = peers[index - 1].get(mesh_ip(peer))
-            stale = fresh_for in (index, peer) and age is not None and since is not None and age > since
+            stale = fresh_for in (index, peer) and age is not None and since is not None and age > since + 1
             if age is None or stale:
                 missing.append((index, peer))
     total = hosts * (hosts - 1)

@@ -28,6 +28,8 @@ def test_an_sa_with_the_killed_host_counts_only_when_younger_than_the_kill():
     assert (state.up, state.total, state.missing) == (5, 6, ((1, 2),))
     assert mesh.mesh_state(peers).up == 6  # without the kill, every SA counts
     assert mesh.mesh_state([{}, {mesh.mesh_ip(1): 1.0}, {}]).missing[0] == (1, 2)
+    # charon's ages are whole seconds: an SA made 0.3 s after the kill may say 1 at 0.9 s
+    assert mesh.mesh_state([{mesh.mesh_ip(2): 1.0}, {mesh.mesh_ip(1): 1.0}], fresh_for=2, since=0.9).up == 2
 
 
 def test_a_three_host_mesh_is_established_then_repaired_after_a_charon_kill():
