@@ -17,7 +17,7 @@ Two figures per implementation (bench/README.md, "Full mesh"):
   SA with the dead charon is stale, however ESTABLISHED it says it is). For upstream the tunnels to
   and from the killed host are triggered again once its charon has its connections back.
 
-Results: bench/results/mesh.{json,md}.
+Results: bench/results/mesh.{json,md} and mesh.png.
 """
 
 from __future__ import annotations
