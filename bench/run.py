@@ -635,9 +635,18 @@ def main() -> int:
                         "(experiments, e.g. '-vsyslog:off')")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--keep", action="store_true", help="keep the sandboxes' logs under /tmp/oib")
-    parser.add_argument("--only", choices=("scale", "userspace-esp"),
-                        help="run one section: the monitor's scale matrix, or userspace ESP throughput "
-                             "(default: both, userspace ESP last)")
+    parser.add_argument("--only", choices=("scale", "userspace-esp", "mesh"),
+                        help="run one section: the monitor's scale matrix, userspace ESP throughput, or the "
+                             "full mesh (default: the first two, userspace ESP last; the mesh only when asked)")
+    parser.add_argument("--mesh-hosts", default="20", help="full mesh: host counts (H hosts, H(H-1) tunnels)")
+    parser.add_argument("--mesh-limit", type=float, default=300.0,
+                        help="full mesh: cut-off for the establishment and for the repair, s")
+    parser.add_argument("--mesh-settle", type=float, default=None,
+                        help="full mesh: seconds between the established mesh and the charon kill (default: 35 "
+                             "for ours, 170 for upstream: its trigger's ACQUIREs leave larval states in the kernel "
+                             "that outlive charon for 165 s and hide the next packets)")
+    parser.add_argument("--mesh-kill", type=int, default=0,
+                        help="full mesh: the host (from 1) whose charon is killed (0: the middle one)")
     parser.add_argument("--esp-seconds", type=float, default=5.0, help="userspace ESP: seconds per cell")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -645,6 +654,8 @@ def main() -> int:
         return 1
     if args.only == "userspace-esp":
         return userspace_esp_section(args)
+    if args.only == "mesh":
+        return mesh_section(args)
     impls = [i for i in args.impl.split(",") if i]
     ikes = [i for i in args.ike.split(",") if i]
     if set(ikes) - set(IKES):
@@ -706,6 +717,19 @@ def main() -> int:
     report.write(out / "latest.json", out)
     if args.only is None:
         return userspace_esp_section(args)
+    return 0
+
+
+def mesh_section(args: argparse.Namespace) -> int:
+    """The full mesh (bench/mesh.py), ours and upstream on strongSwan, in results/mesh.{json,md}."""
+    import mesh
+
+    Ours.extra_flags = tuple(args.ours_flags.split())
+    impls = [i for i in args.impl.split(",") if i in ("ours", "upstream")]  # no floor: it has no OVSDB
+    drivers = {"ours": Ours, "upstream": Upstreams}
+    mesh.run_section([int(x) for x in args.mesh_hosts.split(",") if x], impls,
+                     lambda impl, host: drivers[impl](host, CHARON_CONF), CHARON_CONF, WORKDIR, Path(args.out),
+                     machine(), args)
     return 0
 
 

@@ -26,6 +26,7 @@ class FakeCharon:
         self.requests: list[str] = []
         self.refuse: dict[str, str] = {}
         self.hang: set[str] = set()
+        self._clients: list[socket.socket] = []
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self.path)
         self._server.listen(8)
@@ -35,6 +36,16 @@ class FakeCharon:
 
     def close(self) -> None:
         self._server.close()
+
+    def crash(self) -> None:
+        """Die as charon does on SIGKILL: the socket file stays, every connection is cut."""
+        self._server.close()
+        for client in self._clients:
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            client.close()
 
     def establish(self, conn: str, unique_id: str, children: dict[str, str]) -> None:
         """An IKE SA of `conn` with child SAs {child name: state}."""
@@ -50,6 +61,7 @@ class FakeCharon:
                 client, _ = self._server.accept()
             except OSError:
                 return
+            self._clients.append(client)
             thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
             thread.start()
             self._threads.append(thread)

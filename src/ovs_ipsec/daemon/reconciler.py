@@ -145,6 +145,13 @@ class Reconciler:
         """A full look found a new run of the IKE daemon: every SA it had is gone, and the peers of
         responder connections do not know (see TAKEOVER_DELAY)."""
         responders = [name for name, peering in self.desired.peerings.items() if not peering.initiator]
+        # The backoff of every connection counted failures against the daemon that is gone; the new
+        # one holds none of them, so each is loaded (and, if ours to start, initiated) now. Without
+        # this, a connection whose initiations kept failing stayed unloaded for what was left of
+        # its delay (up to BACKOFF_CAP): 40 s in the bench's mesh (bench/README.md, "Full mesh").
+        for name in self.desired.peerings:
+            self._queue.reset(name)
+            self._errors.pop(name, None)
         log.info("the IKE daemon restarted; %d responder connection(s) initiate in %g s unless their peer "
                  "does first", len(responders), TAKEOVER_DELAY)
         self._queue.schedule_takeovers(responders, now + TAKEOVER_DELAY)

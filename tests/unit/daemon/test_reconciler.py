@@ -176,6 +176,20 @@ def test_a_restarted_ike_daemon_makes_responders_initiate_after_the_takeover_del
     assert isinstance(backend.applied[-1], Initiate) and backend.applied[-1].conn_name == conn
 
 
+def test_a_restarted_ike_daemon_gets_every_connection_at_once_whatever_its_backoff():
+    backend = FakeBackend()
+    loop = Loop(backend)
+    loop.configure(row("gnv", "geneve", **PSK))  # ours to initiate: it waits its backoff after each try
+    conn = loop.conn("gnv")
+    for _ in range(5):  # initiations that never bring an SA: the delay grows to 64 s
+        loop.tick(loop.queue.not_before[conn] - loop.now)
+    assert loop.queue.not_before[conn] - loop.now >= 60
+    backend.restart()
+    loop.tick(1.0, full=True)  # the full look sees a new daemon, holding nothing
+    assert conn in backend.conns and conn in backend.secrets
+    assert isinstance(backend.applied[-1], Initiate) and backend.applied[-1].conn_name == conn
+
+
 def test_an_unknown_option_is_reported_not_applied():
     loop = Loop()
     loop.configure(row("gnv", "geneve", ipsec_leftupdown="/bin/evil", ipsec_dpdtimeout="120s", **PSK))

@@ -61,18 +61,31 @@ class StrongSwanBackend:
     def _call(self, what: str, func: Callable[[vici.Session], T]) -> T:
         """Run one VICI exchange; a broken or slow socket is dropped so the next call reconnects."""
         try:
-            if self._session is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self._timeout)
-                sock.connect(self._path)
-                self._daemon_id = _peer_process(sock)
-                self._session = vici.Session(sock)
-            return func(self._session)
+            reused = self._session is not None
+            try:
+                return func(self._connect())
+            except BrokenPipeError:
+                # The request never left: the charon at the other end of the kept session is gone.
+                # If it was restarted, the new one answers now; failing here would cost the pass
+                # and its retry delay (UNREACHABLE_RETRY, 5 s) for nothing.
+                if not reused:
+                    raise
+                self._drop_session()
+                return func(self._connect())
         except vici.exception.CommandException as exc:
             raise BackendError(f"charon refused {what}: {exc}") from exc
         except (OSError, vici.exception.SessionException) as exc:
             self._drop_session()
             raise BackendError(f"charon did not answer {what} on {self._path}: {exc}", transport=True) from exc
+
+    def _connect(self) -> vici.Session:
+        if self._session is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._timeout)
+            sock.connect(self._path)
+            self._daemon_id = _peer_process(sock)
+            self._session = vici.Session(sock)
+        return self._session
 
     def _drop_session(self) -> None:
         if self._session is not None:

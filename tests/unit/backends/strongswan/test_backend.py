@@ -91,3 +91,17 @@ def test_private_keys_are_loaded_once_and_unloaded_when_no_peering_needs_them(ch
     assert len(charon.keys) == 1
     backend.cleanup_credentials([])
     assert charon.keys == {}
+
+
+def test_a_restarted_charon_answers_the_next_call_at_once(charon, backend, tmp_path):
+    peering = peering_of(row("gnv", "geneve", **PSK))
+    backend.apply(LoadConn(peering))  # the session is kept for the next call
+    charon.crash()
+    (tmp_path / "charon.vici").unlink()
+    restarted = FakeCharon(tmp_path / "charon.vici")  # a new charon, on the same socket path
+    try:
+        assert backend.observe(None).conns == {}  # no BackendError: the dead session was replaced
+        backend.apply(LoadConn(peering))
+        assert set(restarted.conns) == {peering.conn_name}
+    finally:
+        restarted.close()
