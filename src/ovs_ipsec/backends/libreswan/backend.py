@@ -269,8 +269,12 @@ class LibreSwanBackend:
             return
         try:
             adding = [item for item in pending if item.to_add]
-            for start in range(0, len(adding), BATCH_LIMIT):
-                self._add_batch(adding[start:start + BATCH_LIMIT])
+            if len(adding) == 1:
+                self._add_alone(adding[0])
+            elif adding:
+                for start in range(0, len(adding), BATCH_LIMIT):
+                    self._add_batch(adding[start:start + BATCH_LIMIT])
+                self._add_missing(adding)
             for item in pending:
                 name = item.peering.conn_name
                 if name in self._load_errors:
@@ -296,9 +300,6 @@ class LibreSwanBackend:
             raise
 
     def _add_batch(self, batch: list[_Pending]) -> None:
-        if len(batch) == 1:
-            self._add_alone(batch[0])
-            return
         # One file with every peering's sections (each file's text as written, so pluto reads the
         # same), beside them: addconn takes one --config. Not *.conf: no include matches it.
         texts = [self._files.read(item.peering.conn_name, ".conf") for item in batch]
@@ -314,14 +315,16 @@ class LibreSwanBackend:
                 raise BackendError(f"pluto: add {len(batch)} connections: {exc}", transport=True) from exc
         if parse.unreachable(result.stdout, result.stderr):
             raise BackendError(f"pluto is not answering on {self.paths.ctl} (add)", transport=True)
-        # addconn's exit status and output are those of the last connection only: 4.10 refuses a
-        # proposal it does not know with exit status 36 and not a word, and in a batch exits 0
-        # unless that connection was the last one. So pluto's own list says what it took (one
-        # listing per batch); what it did not take is added alone, for pluto's reason.
+
+    def _add_missing(self, added: list[_Pending]) -> None:
+        """addconn's exit status and output are those of the last connection only: 4.10 refuses a
+        proposal it does not know with exit status 36 and not a word, and in a batch exits 0
+        unless that connection was the last one. So pluto's own list says what it took (one
+        listing for all the batches); what it did not take is added alone, for pluto's reason."""
         loaded = parse.loaded_conns(self._whack("status", "--status", query=True))
-        missing = [item for item in batch if not loaded.issuperset(item.to_add)]
+        missing = [item for item in added if not loaded.issuperset(item.to_add)]
         if missing:
-            log.debug("a batch of %d peerings: %d not loaded, added one by one", len(batch), len(missing))
+            log.debug("%d of %d peerings not loaded by their batch: added one by one", len(missing), len(added))
         for item in missing:
             self._add_alone(item)
 

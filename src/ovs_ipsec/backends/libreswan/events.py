@@ -242,6 +242,7 @@ def follow_log(path: str, watch: DirectoryWatch, on_names: Callable[[set[str]], 
             pass
         tail = b""
         while watch.wait():
+            watch.settle(0.02)  # pluto writes line by line: read a burst at once, not line by line
             try:
                 current = os.stat(path)
             except OSError:
