@@ -57,6 +57,7 @@ _WATCHED = _IN_CREATE | _IN_DELETE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CLOSE_W
     | _IN_DELETE_SELF | _IN_MOVE_SELF
 # A state line of pluto's log: `"<connection>"[<instance>] #<serial>: ...` (4.x and 5.x).
 _STATE_LOG_LINE = re.compile(r'"(?P<name>ovsipsec-[^"\s]{1,300})"(?:\[\d+\])? #\d+: ')
+_LOG_CHUNK = 1 << 18
 _LOGFILE_SETTING = re.compile(r"^\s+logfile\s*=\s*\"?(?P<path>/[^\s\"]+)\"?\s*$", re.MULTILINE)
 
 
@@ -253,16 +254,16 @@ def follow_log(path: str, watch: DirectoryWatch, on_names: Callable[[set[str]], 
                 handle = open(path, "rb")
                 inode, position, tail = current.st_ino, 0, b""
             handle.seek(position)
-            data = handle.read()
-            position += len(data)
-            lines = (tail + data).split(b"\n")
-            tail = lines.pop()[-4096:]  # a line still being written
-            peerings = set()
-            for line in lines:
-                match = _STATE_LOG_LINE.search(line.decode(errors="replace"))
-                parts = split_name(match["name"]) if match else None
-                if parts:
-                    peerings.add(parts[0])
+            peerings: set[str] = set()
+            while data := handle.read(_LOG_CHUNK):  # a bulk load logs megabytes: a chunk at a time
+                position += len(data)
+                lines = (tail + data).split(b"\n")
+                tail = lines.pop()[-4096:]  # a line still being written
+                for line in lines:
+                    match = _STATE_LOG_LINE.search(line.decode(errors="replace"))
+                    parts = split_name(match["name"]) if match else None
+                    if parts:
+                        peerings.add(parts[0])
             if peerings:
                 on_names(peerings)
     except OSError as exc:
