@@ -163,6 +163,22 @@ class LibreSwanBackend:
             raise BackendError(f"pluto refused {what}: {problem}")
         return result.stdout
 
+    def _status(self) -> tuple[set[str], list[parse.PlutoState]]:
+        """`whack --status`, through a file read line by line: at N = 1000 it is ~8 MB, which held
+        as bytes and then as text made the monitor's peak RSS (the allocator keeps the high-water
+        mark)."""
+        argv = self.dialect().whack(self.paths, "--status")
+        with tempfile.TemporaryFile("w+") as out:
+            try:
+                result = self._run(argv, timeout=self._timeout, check=False, stdout_file=out)
+            except CommandError as exc:
+                raise BackendError(f"pluto: status: {exc}", transport=True) from exc
+            if parse.unreachable(result.stdout, result.stderr) or result.returncode != 0:
+                raise BackendError(f"pluto is not answering on {self.paths.ctl} (status: exit status "
+                                   f"{result.returncode}, {result.stderr.strip()[:300]})", transport=True)
+            out.seek(0)
+            return parse.status_lines(out)
+
     def _whack(self, what: str, *args: str, query: bool = False) -> str:
         return self._command(what, self.dialect().whack(self.paths, *args), query)
 
@@ -177,8 +193,7 @@ class LibreSwanBackend:
         with self._lock:
             cached = None if conn_names is None or self._loaded is None else set().union(*self._loaded.values())
         if cached is None:
-            status = self._whack("status", "--status", query=True)
-            loaded, found = parse.loaded_conns(status), parse.states(status)
+            loaded, found = self._status()
         else:
             loaded, found = cached, parse.states(self._whack("showstates", "--showstates", query=True))
         conf_stems, secret_stems = self._files.stems()
@@ -321,7 +336,7 @@ class LibreSwanBackend:
         proposal it does not know with exit status 36 and not a word, and in a batch exits 0
         unless that connection was the last one. So pluto's own list says what it took (one
         listing for all the batches); what it did not take is added alone, for pluto's reason."""
-        loaded = parse.loaded_conns(self._whack("status", "--status", query=True))
+        loaded = self._status()[0]
         missing = [item for item in added if not loaded.issuperset(item.to_add)]
         if missing:
             log.debug("%d of %d peerings not loaded by their batch: added one by one", len(missing), len(added))

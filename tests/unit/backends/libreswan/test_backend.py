@@ -31,9 +31,17 @@ class FakeIpsec:
         self.answers: dict[str, Completed] = {}
         self.intercept = lambda argv, timeout: None  # a test's own answer first (may raise)
 
-    def __call__(self, argv, timeout=30.0, input_text=None, check=True):
+    def __call__(self, argv, timeout=30.0, input_text=None, check=True, stdout_file=None):
         assert timeout > 0
         self.calls.append(argv)
+        answer = self._answer(argv, timeout)
+        if stdout_file is not None:  # as the runner does: the output goes to the file
+            stdout_file.write(answer.stdout)
+            stdout_file.flush()
+            return Completed("", answer.stderr, answer.returncode)
+        return answer
+
+    def _answer(self, argv, timeout):
         answer = self.intercept(argv, timeout)
         if answer is not None:
             return answer
