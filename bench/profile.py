@@ -5,6 +5,7 @@
     .venv/bin/python bench/profile.py --n 1000 --phase trace --out /tmp/prof      # strace of one +1
     .venv/bin/python bench/profile.py --n 5000 --phase memory --out /tmp/prof     # tracemalloc after +1/-1
     .venv/bin/python bench/profile.py --n 5000 --phase rss --out /tmp/prof        # RSS along the way
+    .venv/bin/python bench/profile.py --n 1000 --phase rss --ike libreswan --out /tmp/prof   # the same on pluto
 
 The same host, charon settings and OVSDB transactions as `run.py`'s load cell. py-spy samples the
 running monitor from outside (`--idle` threads left out), so what it shows is where the wall time
@@ -32,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Ovsdb, SpdCounter, log, remote_ip, watch  # noqa: E402
+from common import Ovsdb, PlutoConns, SpdCounter, log, remote_ip, watch  # noqa: E402
 from run import CHARON_CONF, LOAD_LOCAL, LOAD_REMOTES, WORKDIR, ip  # noqa: E402
 
 from testsupport.sandbox import Sandbox  # noqa: E402
@@ -48,6 +49,8 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=2000, help="py-spy samples per second")
     parser.add_argument("--ours-flags", default="")
     parser.add_argument("--out", default="/tmp/ovs-ipsec-prof")
+    parser.add_argument("--ike", choices=("strongswan", "libreswan"), default="strongswan",
+                        help="libreswan: a fresh pluto; 'loaded' is counted in its log, as in run.py")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,10 +58,10 @@ def main() -> int:
     folder = WORKDIR / f"prof-{args.n}"
     shutil.rmtree(folder, ignore_errors=True)
     with Sandbox(prefix, folder) as box:
-        host = box.add_host("h", f"{LOAD_LOCAL}/16", extra_charon_conf=CHARON_CONF)
+        host = box.add_host("h", f"{LOAD_LOCAL}/16", extra_charon_conf=CHARON_CONF, ike_daemon=args.ike)
         ip(host.name, "route", "add", f"{LOAD_REMOTES}.0.0/16", "dev", host.device)
         host.start_ovsdb()
-        host.start_charon()
+        host.start_ike_daemon()
         if args.phase == "memory":
             _start_traced(host, out / f"memory-{args.n}.txt", args.ours_flags.split())
         else:
@@ -66,6 +69,9 @@ def main() -> int:
         pid = host.monitor_pid()
         ovsdb = Ovsdb(f"{host.workdir}/db.sock")
         spd = SpdCounter(host.name)
+        if args.ike == "libreswan":  # pluto routes none of these: count its connections (3 per tunnel)
+            conns = PlutoConns(host.workdir / "pluto.log", "ovsipsec-")
+            spd.out = lambda: 2 * conns.count() // 3  # type: ignore[method-assign]
         tunnels = [(f"gnv{i}", LOAD_LOCAL, remote_ip(i, LOAD_REMOTES)) for i in range(1, args.n + 1)]
         spy = None
         sampler = _RssSampler(pid) if args.phase == "rss" else None

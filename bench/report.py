@@ -190,8 +190,8 @@ LibreSwan rows (pluto 4.10, extracted from Debian's package; ours and upstream e
   connections, upstream adds and initiates them), so the SPD says nothing; confirmed with `whack --status`.
 * **+1 / −1**: until pluto's log shows the tunnel's connections added / deleted. "incomplete": the monitor went
   quiet with part of the change undone (upstream deletes only the connection that has a state).
-* **monitor CPU** includes the `ipsec ...` commands both run (waited-for children). **idle CPU**: ours looks at
-  pluto every 2 s (`whack --showstates`: pluto has no event socket); upstream has no timer.
+* **monitor CPU** includes the `ipsec ...` commands both run (waited-for children). **idle CPU**: neither has a
+  timer (ours hears of SA changes from its updown command and pluto's log, of restarts from inotify).
 * **establish N**: not measured on LibreSwan.
 
 Cut off, failed or incomplete:

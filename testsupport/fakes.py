@@ -80,8 +80,8 @@ class FakeBackend:
                            tuple(c for c in sa.installed_children if c != action.child))
                 for sa in self.sas.get(action.conn_name, ()))
 
-    def flush(self) -> None:
-        pass
+    def flush(self) -> dict:
+        return {}  # nothing deferred, so nothing failed later
 
     def start_events(self, on_change) -> None:
         pass

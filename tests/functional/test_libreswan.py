@@ -78,7 +78,7 @@ def test_libreswan_files_one_per_peering_secrets_private(lsw_hosts):
     conn6 = a.wait_ike_up("six")["conn"]
     folder = a.lsw_root / "etc/ipsec.d"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f"{conn}.conf", f"{conn}.secrets", f"{conn6}.conf", f"{conn6}.secrets"])
+        [f"{conn}.conf", f"{conn}.secrets", f"{conn6}.conf", f"{conn6}.secrets", "ovsipsec-updown"])
     for name in (f"{conn}.secrets", f"{conn6}.secrets"):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
     other_before = (folder / f"{conn6}.conf").stat()

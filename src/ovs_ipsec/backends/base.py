@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
+from ..errors import BackendError
 from ..model import ObservedState, Tunnel
 from ..planner import Action, Naming, Peering
 
@@ -20,8 +21,10 @@ class Backend(Protocol):
     def apply(self, action: Action) -> None:
         """Carry out one action; raises BackendError."""
 
-    def flush(self) -> None:
-        """End of a batch of actions: finish what the backend deferred (raises BackendError)."""
+    def flush(self) -> Mapping[str, BackendError]:
+        """End of a batch of actions: finish what the backend deferred. Returns the connections
+        whose deferred part failed (conn name -> why), so each fails alone; raises BackendError
+        when the daemon is unreachable."""
 
     def start_events(self, on_change: Callable[[frozenset[str] | None], None]) -> None:
         """Call on_change(conn names) when SAs change, on_change(None) when the daemon restarted."""

@@ -138,6 +138,7 @@ def one_malloc_arena() -> None:
 def run_monitor(args: argparse.Namespace) -> int:
     import ovs.daemon
     import ovs.dirs
+    import ovs.util
     import ovs.vlog
 
     from ..backends.base import Backend
@@ -181,7 +182,11 @@ def run_monitor(args: argparse.Namespace) -> int:
         if args.ike_daemon == "libreswan":
             from ..backends.libreswan.backend import LibreSwanBackend
 
-            backend = LibreSwanBackend.from_args(args)
+            # Where the control socket will be (as ovs.unixctl names it): our pluto updown
+            # command sends its event hints there.
+            unixctl = (ovs.util.abs_file_name(ovs.dirs.RUNDIR, args.unixctl) if args.unixctl
+                       else os.path.join(ovs.dirs.RUNDIR, f"{ovs.util.PROGRAM_NAME}.{os.getpid()}.ctl"))
+            backend = LibreSwanBackend.from_args(args, unixctl=unixctl)
         else:
             backend = StrongSwanBackend(vici_uri, timeout=min(float(args.command_timeout), 30.0))
         wakeup = Wakeup()

@@ -201,12 +201,19 @@ class Reconciler:
             self.observation.record(action)
             self._after(action, now)
         try:
-            self._backend.flush()
+            deferred = self._backend.flush() or {}
         except BackendError as exc:
             log.warning("IKE daemon: %s", exc)
             if exc.transport:
                 self._daemon_unreachable(exc, now)
                 return False
+            deferred = {}
+        for name, why in deferred.items():
+            # A deferred load (LibreSwan batches them) that failed: the daemon does not have the
+            # connection after all, whatever the cache recorded when the action was queued.
+            failed.add(name)
+            self._failed(name, str(why), now)
+            self.observation.record(UnloadConn(name))
         for name in touched - failed:
             self._errors.pop(name, None)
         if actions:

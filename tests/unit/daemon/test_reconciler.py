@@ -303,3 +303,32 @@ def test_after_the_daemon_did_not_answer_a_desired_change_looks_at_everything():
     loop.configure(row("a", "geneve", **PSK), row("b", "gre", **dict(PSK, remote_ip="10.0.0.3")))
     assert backend.observed[before:] == [None]
     assert loop.status("b").state is TunnelState.LOADED
+
+
+def test_a_deferred_load_that_fails_at_flush_fails_its_own_connection_only():
+    """LibreSwan batches its loads until flush(): what flush() reports failed is that connection's error,
+    the others are fine, and the cache no longer claims the daemon has it (so it is loaded again)."""
+    from ovs_ipsec.errors import BackendError
+
+    class Deferring(FakeBackend):
+        fail: set[str] = set()  # noqa: RUF012 - one test's switch
+
+        def flush(self) -> dict:
+            failed = {name: BackendError("pluto refused add: exit status 36") for name in self.fail if name in self.conns}
+            for name in failed:
+                self.conns.pop(name)
+            return failed
+
+    loop = Loop(Deferring())
+    loop.configure(row("good", "geneve", **PSK), row("bad", "geneve", local_ip="10.0.0.1", remote_ip="10.0.0.3",
+                                                     psk="x"))
+    bad = loop.conn("bad")
+    loop.backend.conns.pop(bad)  # lost behind our back; the next full resync loads it again, and that fails
+    loop.backend.fail = {bad}
+    loop.tick(61.0)
+    assert "exit status 36" in (loop.status("bad").reason or "")
+    assert not loop.status("good").reason
+    assert bad not in loop.reconciler.observation.state.conns
+    loop.backend.fail = set()
+    loop.tick(300.0)  # past the backoff: loaded again, and now it holds
+    assert bad in loop.backend.conns and not loop.status("bad").reason

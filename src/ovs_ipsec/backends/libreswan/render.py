@@ -53,6 +53,9 @@ class Style:
     major: int = 4  # LibreSwan major version
     default_crypto: bool = False  # --use-default-crypto: leave ike=/esp= to pluto's defaults
     minor: int = 0
+    # Our connections' updown command (events.py: LibreSwan's default, then a hint to the
+    # monitor); None: pluto's default, and the monitor hears of SA changes only when it looks.
+    updown: str | None = None
 
     @property
     def keyingtries(self) -> bool:
@@ -188,6 +191,8 @@ def _ike_lines(tunnel: Tunnel, style: Style) -> list[tuple[str, str]]:
         lines.append(("hostaddrfamily", "ipv6"))  # %defaultroute means IPv4 to LibreSwan 4
     lines += [("left", tunnel.local_ip or "%defaultroute"), ("right", tunnel.remote_ip)]
     lines += _auth_lines(tunnel)
+    if style.updown:
+        lines.append(("leftupdown", style.updown))
     if options.ike or not style.default_crypto:
         lines.append(("ike", ",".join(options.ike or (DEFAULT_IKE_PROPOSAL,))))
     lines.append(("dpddelay", _seconds(DEFAULT_DPD_DELAY if options.dpd_delay is None else options.dpd_delay)))

@@ -7,7 +7,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import TypeVar
 
 import vici
@@ -113,8 +113,9 @@ class StrongSwanBackend:
                 sas.update(parse.ike_sas(self._call(f"list-sas {name}", _listing("list_sas", name))))
         return ObservedState(conns=conns, shared_secrets=secrets, sas=sas)
 
-    def flush(self) -> None:
+    def flush(self) -> Mapping[str, BackendError]:
         """Nothing is deferred: every VICI call takes effect at once."""
+        return {}
 
     def apply(self, action: Action) -> None:
         if isinstance(action, LoadSecret):

@@ -31,9 +31,17 @@ class FakeIpsec:
         self.answers: dict[str, Completed] = {}
         self.intercept = lambda argv, timeout: None  # a test's own answer first (may raise)
 
-    def __call__(self, argv, timeout=30.0, input_text=None, check=True):
+    def __call__(self, argv, timeout=30.0, input_text=None, check=True, stdout_file=None):
         assert timeout > 0
         self.calls.append(argv)
+        answer = self._answer(argv, timeout)
+        if stdout_file is not None:  # as the runner does: the output goes to the file
+            stdout_file.write(answer.stdout)
+            stdout_file.flush()
+            return Completed("", answer.stderr, answer.returncode)
+        return answer
+
+    def _answer(self, argv, timeout):
         answer = self.intercept(argv, timeout)
         if answer is not None:
             return answer
@@ -117,11 +125,14 @@ def test_an_ipsec_that_is_not_libreswan_is_an_error(fake, lsw):
 def test_load_conn_writes_one_file_and_adds_the_whole_peering_in_one_call_anchor_last(fake, lsw, paths):
     peering = peering_of(lsw, row("gnv0", "geneve", **PSK), row("gre0", "gre", **PSK))
     lsw.apply(LoadConn(peering))
+    assert not [c for c in fake.commands() if c[0] == "addconn"]  # queued for the batch
+    assert lsw.flush() == {}
     path = os.path.join(paths.conn_dir, f"{peering.conn_name}.conf")
     assert open(path).read() == render.conn_file(peering, render.Style(major=4))
     adds = [c for c in fake.commands() if c[0] == "addconn"]
     assert adds == [["addconn", *render.pluto_names(peering)]]
-    assert fake.calls[-1][5] == path  # --config: only this peering's file is parsed
+    (argv,) = [c for c in fake.calls if c[1] == "addconn"]
+    assert argv[5] == path  # --config: alone in its batch, only this peering's file is parsed
     assert adds[0][-1] == render.anchor_name(peering.conn_name)
 
 
@@ -135,6 +146,7 @@ def test_load_conn_adds_only_what_is_missing_and_deletes_what_is_stale(fake, lsw
     lsw.observe()
     fake.calls.clear()
     lsw.apply(LoadConn(new))
+    lsw.flush()
     added = [child for child, owner in new.children if owner == "vx0"]
     gone = sorted(child for child, owner in old.children if owner == "gnv0")
     assert fake.commands(rereads=False) == [["addconn", *added]] + [["--name", name, "--delete"] for name in gone]
@@ -150,6 +162,7 @@ def test_the_anchor_is_re_added_behind_new_children_when_it_holds_no_ike_sa(fake
     lsw.observe()
     fake.calls.clear()
     lsw.apply(LoadConn(new))
+    lsw.flush()
     assert fake.commands(rereads=False) == [["addconn", *[c for c, owner in new.children if owner == "vx0"], anchor]]
 
 
@@ -242,9 +255,9 @@ def test_refusals_and_unreachable_pluto(fake, lsw):
     rc, rest = (GOLDEN_DIR / "libreswan_4.10_addconn_bad.txt").read_text().split("\n", 1)
     out, err = rest.removeprefix("--- stdout\n").split("--- stderr\n")
     fake.answers["addconn"] = Completed(out, err, 0)
-    with pytest.raises(BackendError) as error:
-        lsw.apply(LoadConn(peering))
-    assert not error.value.transport and "did not load properly" in str(error.value)
+    lsw.apply(LoadConn(peering))
+    (error,) = lsw.flush().values()
+    assert not error.transport and "did not load properly" in str(error)
     fake.answers["--status"] = Completed("", 'whack: Pluto is not running (no "/run/pluto/pluto.ctl")\n', 33)
     with pytest.raises(BackendError) as error:
         lsw.observe()
@@ -266,10 +279,11 @@ def test_observe_limits_to_the_scope_and_sees_files_without_connections(fake, ls
 
 
 def test_a_pluto_restart_is_reported_as_a_full_resync(fake, tmp_path):
+    """No timer: the watch on pluto's run directory wakes up when a new socket appears."""
     paths = Paths.from_flags(str(tmp_path))
     os.makedirs(os.path.dirname(paths.ctl))
     open(paths.ctl, "w").close()
-    lsw = LibreSwanBackend(paths, poll_interval=0.02, run=fake)
+    lsw = LibreSwanBackend(paths, run=fake)
     calls, restarted = [], threading.Event()
 
     def on_change(names):
@@ -281,14 +295,36 @@ def test_a_pluto_restart_is_reported_as_a_full_resync(fake, tmp_path):
     lsw.start_events(on_change)
     try:
         for _ in range(100):
-            if None in calls:
+            if calls:
                 break
             threading.Event().wait(0.02)
+        assert calls == [None]  # pluto is there: look at everything once
         os.unlink(paths.ctl)
-        threading.Event().wait(0.1)
+        threading.Event().wait(0.3)
         open(paths.ctl, "w").close()  # a new socket: a new pluto
         assert restarted.wait(5)
         assert not lsw._secrets_fresh  # its secrets are read again before the next use
+        assert [t.name for t in threading.enumerate() if t.name == "pluto-poll"] == []
+    finally:
+        lsw.close()
+
+
+def test_a_run_directory_that_appears_later_is_watched_too(fake, tmp_path):
+    paths = Paths.from_flags(str(tmp_path))
+    lsw = LibreSwanBackend(paths, run=fake)
+    calls, seen = [], threading.Event()
+
+    def on_change(names):
+        calls.append(names)
+        seen.set()
+
+    lsw.start_events(on_change)
+    try:
+        assert calls == []
+        os.makedirs(os.path.dirname(paths.ctl))
+        threading.Event().wait(0.3)
+        open(paths.ctl, "w").close()
+        assert seen.wait(5) and calls == [None]
     finally:
         lsw.close()
 
@@ -380,9 +416,10 @@ def test_a_stuck_command_fails_only_its_own_connection(fake, lsw):
             raise CommandError(argv, f"timed out after {timeout:g} s")
 
     fake.intercept = stuck
-    with pytest.raises(BackendError) as error:
-        lsw.apply(LoadConn(peering))
-    assert not error.value.transport and "timed out" in str(error.value)  # backoff for this one only
+    lsw.apply(LoadConn(peering))
+    failed = lsw.flush()
+    assert list(failed) == [peering.conn_name]  # backoff for this one only
+    assert not failed[peering.conn_name].transport and "timed out" in str(failed[peering.conn_name])
 
 
 def test_a_file_that_cannot_be_written_fails_its_connection_only(fake, lsw, paths):
@@ -392,3 +429,69 @@ def test_a_file_that_cannot_be_written_fails_its_connection_only(fake, lsw, path
     with pytest.raises(BackendError) as error:
         lsw.apply(LoadSecret(peering))
     assert not error.value.transport and "cannot write" in str(error.value)
+
+
+def test_a_bulk_load_is_one_addconn_and_a_peering_pluto_did_not_take_fails_alone(fake, lsw, paths):
+    """addconn's status is the last connection's: pluto's list says what a batch loaded."""
+    peerings = [peering_of(lsw, row(f"gnv{i}", "geneve", psk="swordfish", local_ip="10.0.0.1",
+                                    remote_ip=f"10.0.1.{i}")) for i in range(1, 6)]
+    bad = peerings[2]
+    lsw.observe()
+    fake.status = status_with(*(n for p in peerings if p is not bad for n in render.pluto_names(p)))
+    fake.calls.clear()
+    batch_texts = []
+
+    def addconn(argv, timeout):
+        if argv[1] == "addconn" and ".ovsipsec-batch-" in argv[5]:
+            batch_texts.append(open(argv[5]).read())
+        if argv[1] == "addconn" and argv[5].endswith(f"{bad.conn_name}.conf"):
+            return Completed("", "", 36)  # 4.10: an unknown proposal, and not a word
+        return None
+
+    fake.intercept = addconn
+    for peering in peerings:
+        lsw.apply(LoadConn(peering))
+    assert not [c for c in fake.commands() if c[0] == "addconn"]
+    failed = lsw.flush()
+    assert list(failed) == [bad.conn_name] and "exit status 36" in str(failed[bad.conn_name])
+    adds = [c for c in fake.calls if c[1] == "addconn"]
+    assert len(adds) == 2 and adds[1][6:] == list(render.pluto_names(bad))
+    assert all(f"conn {n}\n" in batch_texts[0] for p in peerings for n in render.pluto_names(p))
+    assert not [n for n in os.listdir(paths.conn_dir) if n.startswith(".ovsipsec-batch-")]  # removed
+    # Its initiation waits for the load, which failed: not sent, reported once by flush().
+    lsw.apply(LoadConn(bad))
+    lsw.apply(Initiate(bad.conn_name, bad.children[0][0]))
+    assert not [c for c in fake.commands() if "--initiate" in c]
+    assert list(lsw.flush()) == [bad.conn_name] and lsw.flush() == {}
+
+
+def test_our_updown_command_runs_libreswans_first_and_then_hints_the_monitor(fake, paths):
+    lsw = LibreSwanBackend(paths, unixctl="/run/openvswitch/ovs-monitor-ipsec.1.ctl", run=fake)
+    peering = peering_of(lsw, row("gnv0", "geneve", **PSK))
+    lsw.apply(LoadConn(peering))
+    lsw.flush()
+    script = os.path.join(paths.conn_dir, "ovsipsec-updown")
+    text = open(script).read()
+    assert stat.S_IMODE(os.stat(script).st_mode) == 0o755
+    assert text.index(f"{paths.ipsec} _updown") < text.index("ipsec/lsw-event")
+    assert '"$PLUTO_CONNECTION" "$PLUTO_VERB"' in text and "exit $status" in text
+    conf = open(os.path.join(paths.conn_dir, f"{peering.conn_name}.conf")).read()
+    assert conf.count(f"leftupdown={script}\n") == len(render.pluto_names(peering))
+    with pytest.raises(BackendError):
+        LibreSwanBackend(paths, unixctl="/run/x;reboot.ctl", run=fake)
+
+
+@pytest.mark.parametrize("argv, peering", [
+    (["ovsipsec-10.0.0.2-0123456789_ike", "up-host"], "ovsipsec-10.0.0.2-0123456789"),
+    (["ovsipsec-10.0.0.2-0123456789_gnv0-in-abcdef"], "ovsipsec-10.0.0.2-0123456789"),
+    (["ovsipsec-10.0.0.2-0123456789_ike", "up;host"], None),
+    (["myvpn", "up-host"], None),
+    (["ovsipsec-10.0.0.2-0123456789_ike\nforged"], None),
+    (["ovsipsec-10.0.0.2-0123456789"], None),
+])
+def test_a_hint_names_one_of_our_connections_or_is_refused(argv, peering):
+    from ovs_ipsec.backends.libreswan import events
+
+    found, what = events.peering_of_hint(argv)
+    assert found == peering
+    assert "\n" not in what
