@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
-from ..backends.base import Backend
+from ..backends.base import ActionDone, Backend
 from ..errors import BackendError
 from ..guard.enforcer import PlaintextGuard
 from ..model import DesiredState
@@ -171,28 +171,29 @@ class Reconciler:
         """Carry out the actions, each fenced; false when the IKE daemon stopped answering."""
         failed: set[str] = set()
         touched: set[str] = set()
-        for action in actions:
+
+        def done(action: Action, error: Exception | None) -> None:
             name = conn_of(action)
-            if name in failed:
-                continue  # later steps of a connection depend on the earlier ones
             touched.add(name)
-            try:
-                self._backend.apply(action)
-            except BackendError as exc:
-                failed.add(name)
-                self._failed(name, str(exc), now)
-                if exc.transport:
-                    self._daemon_unreachable(exc, now)
-                    return False
-                continue
-            except Exception as exc:  # noqa: BLE001 - a bug in one action costs one connection
-                failed.add(name)
-                log.debug("%s failed", type(action).__name__, exc_info=exc)
-                self._failed(name, f"internal error in {type(action).__name__} ({type(exc).__name__}: {exc}); "
+            if error is None:
+                self.observation.record(action)
+                self._after(action, now)
+                return
+            failed.add(name)
+            if isinstance(error, BackendError):
+                self._failed(name, str(error), now)
+            else:  # a bug in one action costs one connection
+                log.debug("%s failed", type(action).__name__, exc_info=error)
+                self._failed(name, f"internal error in {type(action).__name__} ({type(error).__name__}: {error}); "
                              "this is a bug, please report it", now)
-                continue
-            self.observation.record(action)
-            self._after(action, now)
+
+        try:
+            self._carry_out(actions, done, failed)
+        except BackendError as exc:
+            if not exc.transport:
+                raise
+            self._daemon_unreachable(exc, now)
+            return False
         try:
             self._backend.flush()
         except BackendError as exc:
@@ -209,6 +210,33 @@ class Reconciler:
             log.info("applied %s for %d connection(s)%s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
                      len(touched), f", {len(failed)} failed" if failed else "")
         return True
+
+    def _carry_out(self, actions: tuple[Action, ...], done: ActionDone, failed: set[str]) -> None:
+        """Hand the actions to the backend; raises BackendError when the daemon stopped answering.
+
+        A backend that can pipeline gets each phase of the plan (removals, loads, initiations) as
+        chains, one per connection, so thousands of loads overlap; the next phase starts once the
+        previous one is answered (every secret and connection is in before the first initiation).
+        Otherwise one action after the other, a connection's later steps skipped once one failed."""
+        apply_chains = getattr(self._backend, "apply_chains", None)
+        if apply_chains is not None:
+            for phase in phases(actions):
+                apply_chains(chains([action for action in phase if conn_of(action) not in failed]), done)
+            return
+        for action in actions:
+            if conn_of(action) in failed:
+                continue  # later steps of a connection depend on the earlier ones
+            try:
+                self._backend.apply(action)
+            except BackendError as exc:
+                if exc.transport:
+                    raise
+                done(action, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug in one action costs one connection
+                done(action, exc)
+                continue
+            done(action, None)
 
     def _failed(self, name: str, reason: str, now: float) -> None:
         reason = printable(reason)
@@ -293,6 +321,26 @@ class Reconciler:
         self._events.emit(events_between(self.snapshot, snapshot, now))
         self.snapshot = snapshot
         self._on_publish()
+
+
+def phases(actions: Sequence[Action]) -> list[list[Action]]:
+    """The plan's runs of removals, loads (and ended children) and initiations, in its order."""
+    def phase(action: Action) -> int:
+        return 0 if isinstance(action, (UnloadSecret, UnloadConn)) else 2 if isinstance(action, Initiate) else 1
+    runs: list[list[Action]] = []
+    for action in actions:
+        if not runs or phase(runs[-1][-1]) != phase(action):
+            runs.append([])
+        runs[-1].append(action)
+    return runs
+
+
+def chains(actions: Sequence[Action]) -> list[list[Action]]:
+    """One chain per connection, its actions in the plan's order; chains in order of first appearance."""
+    by_conn: dict[str, list[Action]] = {}
+    for action in actions:
+        by_conn.setdefault(conn_of(action), []).append(action)
+    return list(by_conn.values())
 
 
 def conn_of(action: Action) -> str:

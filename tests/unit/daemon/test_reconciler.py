@@ -289,3 +289,37 @@ def test_after_the_daemon_did_not_answer_a_desired_change_looks_at_everything():
     loop.configure(row("a", "geneve", **PSK), row("b", "gre", **dict(PSK, remote_ip="10.0.0.3")))
     assert backend.observed[before:] == [None]
     assert loop.status("b").state is TunnelState.LOADED
+
+
+class PipeliningBackend(FakeBackend):
+    """An in-memory daemon with apply_chains: the chains of each batch are recorded, then carried
+    out one action at a time, a chain stopping at its first failure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[list[str]]] = []
+
+    def apply_chains(self, chains, done) -> None:
+        self.batches.append([[type(action).__name__ for action in chain] for chain in chains])
+        for chain in chains:
+            for action in chain:
+                try:
+                    self.apply(action)
+                except Exception as exc:  # noqa: BLE001 - reported as the real backend does
+                    done(action, exc)
+                    break
+                done(action, None)
+
+
+def test_a_pipelining_backend_gets_phases_of_per_connection_chains_and_a_failure_stops_its_own_only():
+    backend = PipeliningBackend()
+    loop = Loop(backend)
+    bad = "10.0.0.3"
+    backend.refuse = lambda action: isinstance(action, LoadConn) and action.peering.tunnels[0].remote_ip == bad
+    loop.configure(row("gnv1", "geneve", **PSK), row("gnv2", "geneve", **dict(PSK, remote_ip=bad)))
+    loads, initiations = backend.batches
+    assert loads == [["LoadSecret", "LoadConn"]] * 2  # every load in before the first initiation
+    assert initiations == [["Initiate"]]  # the refused connection is not initiated
+    assert [a.conn_name for a in backend.applied if isinstance(a, Initiate)] == [loop.conn("gnv1")]
+    assert loop.status("gnv2").state is TunnelState.ERROR and "charon refused" in loop.status("gnv2").reason
+    assert loop.status("gnv1").state is not TunnelState.ERROR
