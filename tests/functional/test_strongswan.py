@@ -28,6 +28,26 @@ def test_ipv6_underlay_tunnel_reaches_established(two_hosts):
     assert a.wait_ike_up("tun6")["remote_ip"] == "fd00:231::2"
 
 
+def test_two_of_ours_agree_on_curve25519_and_modp2048_stays_on_offer(two_hosts):
+    """The default proposals put curve25519 first: two hosts of ours negotiate it. MODP-2048 stays
+    in them for upstream peers (test_mixed_cluster.py), and a tunnel configured with upstream's
+    MODP-2048-only proposal still meets a default one."""
+    a, b = two_hosts
+    add_tunnel(a, b, "tun", "geneve", psk="swordfish")
+    add_tunnel(b, a, "tun", "geneve", psk="swordfish")
+    conn = a.wait_ike_up("tun")["conn"]
+    assert _dh_groups(a, conn) == {b"CURVE_25519"} and _dh_groups(b, b.wait_ike_up("tun")["conn"]) == {b"CURVE_25519"}
+    legacy = {"ipsec_ike": "aes256gcm16-sha256-modp2048", "ipsec_esp": "aes256gcm16-modp2048"}
+    add_tunnel(a, b, "old", "geneve", family=6, psk="fish", **legacy)  # a: upstream's proposals only
+    add_tunnel(b, a, "old", "geneve", family=6, psk="fish")  # b: the default
+    assert _dh_groups(a, a.wait_ike_up("old")["conn"]) == {b"MODP_2048"}
+
+
+def _dh_groups(host, conn: str) -> set[bytes]:
+    return {sa["dh-group"] for event in host.vici().list_sas({"ike": conn}) for sa in event.values()
+            if sa["state"] == b"ESTABLISHED"}
+
+
 def test_custom_dst_port_gets_selectors_on_that_port(two_hosts):
     a, b = two_hosts
     add_pair(a, b, "vx", "vxlan", psk="swordfish", dst_port="7000")

@@ -17,8 +17,8 @@ from ..naming import OWNER_PREFIX, digest, direction
 
 CHILD_NAME = re.compile(r"(?P<tunnel>[A-Za-z0-9_.:@+-]{1,200})-(?:in|out|gre)-[0-9a-f]{6}")
 # Upstream ovs-monitor-ipsec's strongSwan proposals, kept so that mixed clusters interoperate.
-DEFAULT_IKE_PROPOSAL = "aes256gcm16-sha256-modp2048"
-DEFAULT_ESP_PROPOSAL = "aes256gcm16-modp2048"
+DEFAULT_IKE_PROPOSAL = "aes256gcm16-sha256-curve25519-modp2048"
+DEFAULT_ESP_PROPOSAL = "aes256gcm16-curve25519-modp2048"
 DEFAULT_ESP_PROPOSAL_NO_PFS = "aes256gcm16"
 DEFAULT_DPD_DELAY = 30
 # ipsec.conf's defaults, which the rekeying options were written against.
