@@ -53,6 +53,8 @@ class Reconciler:
         self._errors: dict[str, str] = {}  # conn name -> why its last action failed
         self._progress: dict[str, tuple[bool, int]] = {}
         self._takeover: set[str] = set()  # responder conns initiating until an SA is up
+        # conn name -> (children initiated, until when they count as tried): see Memory.tried
+        self._tried: dict[str, tuple[set[str], float]] = {}
         self._daemon_error: str | None = None
         self._pass_error: str | None = None  # why the last pass failed unexpectedly
         self._last_full_resync: float | None = None
@@ -111,10 +113,12 @@ class Reconciler:
         self._note_progress(dirty)
         protected = protected_conns(observed, self.desired.unprotected_invalid(), self._backend.naming,
                                     scope=None if work.full else dirty)
+        tried = self._children_tried(dirty, now)
         memory = Memory(self.observation.secret_digests, self._queue.not_before, frozenset(self._takeover),
-                        protected)
+                        protected, tried)
         actions = plan(self.desired.peerings, observed, memory, now, scope=dirty,
                        wanted_secrets=self.desired.secret_ids.keys())
+        self._rearm_tried(tried, actions, now)
         if self._apply(actions, now) and (work.full or any(isinstance(a, UnloadConn) for a in actions)):
             self._backend.cleanup_credentials(self.desired.peerings.values())
         self._touch(tunnel.name for conn in dirty if (peering := self.desired.peerings.get(conn))
@@ -148,6 +152,31 @@ class Reconciler:
         log.info("the IKE daemon restarted; %d responder connection(s) initiate in %g s unless their peer "
                  "does first", len(responders), TAKEOVER_DELAY)
         self._queue.schedule_takeovers(responders, now + TAKEOVER_DELAY)
+
+    def _children_tried(self, conn_names: set[str], now: float) -> dict[str, set[str]]:
+        """The connections' children tried within their retry delay (those past it are forgotten)."""
+        tried = {}
+        for name in conn_names:
+            children, until = self._tried.get(name, (set(), 0.0))
+            if until > now and name in self.desired.peerings:
+                tried[name] = children
+            else:
+                self._tried.pop(name, None)
+        return tried
+
+    def _rearm_tried(self, tried: dict[str, set[str]], actions: tuple[Action, ...], now: float) -> None:
+        """A connection whose missing children were all tried, and that got no initiation now, is
+        looked at again when their delay runs out: progress (its IKE SA coming up) cleared the
+        backoff that would have brought it back."""
+        initiated = {action.conn_name for action in actions if isinstance(action, Initiate)}
+        for name, children in tried.items():
+            if name in initiated or name in self._queue.not_before:
+                continue
+            installed = {child for sa in self.observation.state.sas_of(name) for child in sa.installed_children}
+            if {child for child, _ in self.desired.peerings[name].children} - installed - children:
+                continue  # something else is missing: not a matter of waiting
+            if {child for child, _ in self.desired.peerings[name].children} - installed:
+                self._queue.failed(name, now)
 
     def _note_progress(self, conn_names: set[str]) -> None:
         """An SA that came up since the last look cancels the connection's initiation backoff,
@@ -254,7 +283,9 @@ class Reconciler:
             log.info("removed connection %s", action.conn_name)
         elif isinstance(action, Initiate):
             # Until the IKE daemon reports progress, do not initiate again before the backoff delay.
-            self._queue.failed(action.conn_name, now)
+            delay = self._queue.failed(action.conn_name, now)
+            children, _ = self._tried.get(action.conn_name, (set(), 0.0))
+            self._tried[action.conn_name] = (children | {action.child}, now + delay)
             log.debug("%s: initiating %s", self._describe(action.conn_name), action.child)
         elif not isinstance(action, UnloadSecret):
             log.info("%s: ended child SA %s", self._describe(action.conn_name), action.child)
