@@ -343,3 +343,29 @@ def test_a_child_that_failed_with_its_ike_sa_is_retried_after_its_delay_not_when
     assert len(loop.backend.applied) == count  # still within the first child's delay
     loop.tick(1.5)
     assert loop.backend.applied[count:] == [Initiate(conn, first), Initiate(conn, second)]
+
+
+def test_ike_initiations_are_paced_to_a_window_and_the_rest_wait_their_turn():
+    from ovs_ipsec.daemon.reconciler import INITIATION_POLL_S, INITIATION_SLOT_S, INITIATION_WINDOW
+
+    loop = Loop()
+    count = INITIATION_WINDOW + 8
+    loop.configure(*[row(f"gnv{i}", "geneve", local_ip="10.0.0.1", remote_ip=f"10.0.1.{i}", psk="x")
+                     for i in range(1, count + 1)])
+
+    def initiated() -> list[str]:
+        return [a.conn_name for a in loop.backend.applied if isinstance(a, Initiate)]
+
+    assert loop.backend.kinds().count("LoadConn") == count  # every connection loaded at once
+    first = initiated()
+    assert len(first) == INITIATION_WINDOW
+    loop.tick(INITIATION_POLL_S)
+    assert initiated() == first  # no slot free yet
+    for conn in first[:3]:
+        loop.backend.establish(conn)
+    loop.tick(INITIATION_POLL_S, dirty=first[:3])
+    loop.tick(INITIATION_POLL_S)
+    assert len(initiated()) == INITIATION_WINDOW + 3  # three came up: three more go
+    loop.tick(INITIATION_SLOT_S)  # the first attempts' slots run out (and their retries are due)
+    loop.tick(INITIATION_POLL_S)
+    assert len(set(initiated())) == count  # an attempt holds its slot for a while only

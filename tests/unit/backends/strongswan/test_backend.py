@@ -149,3 +149,18 @@ def test_unloading_in_a_batch_ends_sas_and_tolerates_none(charon, backend):
                          lambda action, error: reported.append((action, error)))
     assert [error for _, error in reported] == [None, None]
     assert charon.conns == {} and charon.sas == {}
+
+
+def test_a_scoped_look_at_many_connections_is_pipelined_and_the_session_stays_usable(charon, tmp_path):
+    adapter = StrongSwanBackend(f"unix://{charon.path}", timeout=2, pipeline_window=4)
+    peerings = peerings_of(6)
+    adapter.apply_chains([[LoadConn(p)] for p in peerings], lambda action, error: None)
+    charon.establish(peerings[1].conn_name, "3", {peerings[1].children[0][0]: "INSTALLED"})
+    wanted = [p.conn_name for p in peerings[:4]]
+    observed = adapter.observe(wanted)
+    assert set(observed.conns) == set(wanted)
+    assert set(observed.sas) == {peerings[1].conn_name}
+    assert observed.sas_of(peerings[1].conn_name)[0].installed_children == (peerings[1].children[0][0],)
+    adapter.apply(UnloadConn(peerings[5].conn_name))  # replies are not out of step afterwards
+    assert peerings[5].conn_name not in charon.conns
+    adapter.close()
