@@ -66,6 +66,7 @@ class Reconciler:
         self._tried: dict[str, tuple[set[str], float]] = {}
         self._starting: dict[str, float] = {}  # conn name -> when we initiated its IKE SA (pacing)
         self._waiting_turn: set[str] = set()  # conns whose IKE initiation waits for a slot
+        self._attempted: dict[str, set[str]] = {}  # conn name -> children we initiated at least once
         self._daemon_error: str | None = None
         self._pass_error: str | None = None  # why the last pass failed unexpectedly
         self._last_full_resync: float | None = None
@@ -172,25 +173,32 @@ class Reconciler:
 
     def _pace(self, actions: tuple[Action, ...], waiting: set[str], now: float) -> tuple[Action, ...]:
         """Initiations of IKE SAs (connections with none established) beyond INITIATION_WINDOW
-        wait their turn, those that waited already first; everything else goes as planned."""
-        sas_of = self.observation.state.sas_of
-        starts = sorted((a for a in actions
-                         if isinstance(a, Initiate) and not any(sa.established for sa in sas_of(a.conn_name))),
-                        key=lambda a: a.conn_name not in waiting)
-        if not starts:
+        wait their turn, those that waited already first. While any wait, a child that failed
+        before is not asked for again (a retry costs a key exchange on both ends and likely fails
+        the same way): the IKE SAs still to come go first. Everything else goes as planned."""
+        initiations = [a for a in actions if isinstance(a, Initiate)]
+        if not initiations:
             return actions
+        sas_of = self.observation.state.sas_of
+        starts = sorted((a for a in initiations if not any(sa.established for sa in sas_of(a.conn_name))),
+                        key=lambda a: a.conn_name not in waiting)
         self._starting = {name: at for name, at in self._starting.items()
                           if at > now - INITIATION_SLOT_S and name in self.desired.peerings
                           and not any(sa.established for sa in sas_of(name))}
         budget = max(0, INITIATION_WINDOW - len(self._starting))
-        later = {a.conn_name for a in starts[budget:]}
+        held = starts[budget:]
         for action in starts[:budget]:
             self._starting[action.conn_name] = now
-        if not later:
+        if held or self._waiting_turn:
+            held += [a for a in initiations if a.child in self._attempted.get(a.conn_name, ())
+                     and any(sa.established for sa in sas_of(a.conn_name))]
+        if not held:
             return actions
+        later = {a.conn_name for a in held}
         self._waiting_turn |= later
         self._queue.defer(later, now + INITIATION_POLL_S)
-        return tuple(a for a in actions if not (isinstance(a, Initiate) and a.conn_name in later))
+        held_now = set(held)
+        return tuple(a for a in actions if a not in held_now)
 
     def _children_tried(self, conn_names: set[str], now: float) -> dict[str, set[str]]:
         """The connections' children tried within their retry delay (those past it are forgotten)."""
@@ -232,8 +240,11 @@ class Reconciler:
                 self._queue.cancel_takeover(name)
             if name in peerings:
                 self._progress[name] = progress
+                if progress[1] >= len(peerings[name].children):
+                    self._attempted.pop(name, None)  # every child up: nothing is a retry any more
             else:
                 self._progress.pop(name, None)
+                self._attempted.pop(name, None)
 
     def _apply(self, actions: tuple[Action, ...], now: float) -> bool:
         """Carry out the actions, each fenced; false when the IKE daemon stopped answering."""
@@ -323,6 +334,7 @@ class Reconciler:
         elif isinstance(action, Initiate):
             # Until the IKE daemon reports progress, do not initiate again before the backoff delay.
             delay = self._queue.failed(action.conn_name, now)
+            self._attempted.setdefault(action.conn_name, set()).add(action.child)
             children, _ = self._tried.get(action.conn_name, (set(), 0.0))
             self._tried[action.conn_name] = (children | {action.child}, now + delay)
             log.debug("%s: initiating %s", self._describe(action.conn_name), action.child)

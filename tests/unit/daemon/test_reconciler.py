@@ -369,3 +369,18 @@ def test_ike_initiations_are_paced_to_a_window_and_the_rest_wait_their_turn():
     loop.tick(INITIATION_SLOT_S)  # the first attempts' slots run out (and their retries are due)
     loop.tick(INITIATION_POLL_S)
     assert len(set(initiated())) == count  # an attempt holds its slot for a while only
+
+
+def test_while_ike_sas_wait_their_turn_a_failed_child_is_not_retried_but_a_first_attempt_goes():
+    from ovs_ipsec.daemon.reconciler import INITIATION_POLL_S, INITIATION_WINDOW
+
+    loop = Loop()
+    count = INITIATION_WINDOW + 4
+    loop.configure(*[row(f"gnv{i}", "geneve", local_ip="10.0.0.1", remote_ip=f"10.0.1.{i}", psk="x")
+                     for i in range(1, count + 1)])
+    conn = loop.backend.applied[-1].conn_name  # initiated; others wait their turn
+    first, second = (child for child, _ in loop.reconciler.desired.peerings[conn].children)
+    loop.backend.establish(conn, children=False)  # up, its first child refused
+    loop.tick(2.5, dirty=[conn])  # past the first child's delay, yet four IKE SAs still wait
+    mine = [a for a in loop.backend.applied if isinstance(a, Initiate) and a.conn_name == conn]
+    assert mine == [Initiate(conn, first), Initiate(conn, second)]  # no retry of the refused one yet
