@@ -42,7 +42,7 @@ TAKEOVER_DELAY = 3.0
 # another exchange (N = 1000: 86-188 retransmissions, the whole took 1.6-2x a floor that initiates
 # tunnel after tunnel). An attempt counts for INITIATION_SLOT_S at most, so peers that never
 # answer hold up the others that long only.
-INITIATION_WINDOW = 32
+INITIATION_WINDOW = 128
 INITIATION_SLOT_S = 2.0
 INITIATION_POLL_S = 0.05  # how soon a connection waiting its turn is looked at again
 
