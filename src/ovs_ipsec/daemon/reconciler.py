@@ -36,15 +36,6 @@ SCOPED_OBSERVE_LIMIT = 64
 # initiates itself: if both daemons restarted, the initiator's SA is up by then and the responder
 # does nothing, so the two never initiate at once (crossing streams).
 TAKEOVER_DELAY = 3.0
-# IKE SAs of ours being set up at once. Every initiation at once (a thousand tunnels committed
-# together) left both daemons a thousand Diffie-Hellman exchanges behind: IKE_SA_INITs went
-# unanswered for charon's 4 s retransmission timeout, and each retransmission cost the other end
-# another exchange (N = 1000: 86-188 retransmissions, the whole took 1.6-2x a floor that initiates
-# tunnel after tunnel). An attempt counts for INITIATION_SLOT_S at most, so peers that never
-# answer hold up the others that long only.
-INITIATION_WINDOW = 128
-INITIATION_SLOT_S = 2.0
-INITIATION_POLL_S = 0.05  # how soon a connection waiting its turn is looked at again
 
 
 class Reconciler:
@@ -64,9 +55,6 @@ class Reconciler:
         self._takeover: set[str] = set()  # responder conns initiating until an SA is up
         # conn name -> (children initiated, until when they count as tried): see Memory.tried
         self._tried: dict[str, tuple[set[str], float]] = {}
-        self._starting: dict[str, float] = {}  # conn name -> when we initiated its IKE SA (pacing)
-        self._waiting_turn: set[str] = set()  # conns whose IKE initiation waits for a slot
-        self._attempted: dict[str, set[str]] = {}  # conn name -> children we initiated at least once
         self._daemon_error: str | None = None
         self._pass_error: str | None = None  # why the last pass failed unexpectedly
         self._last_full_resync: float | None = None
@@ -107,12 +95,7 @@ class Reconciler:
         # actions and the daemon's events keep current (and the periodic full pass checks): asking
         # first would cost a one-tunnel change two more VICI requests. After the daemon did not
         # answer, nothing cached is trusted.
-        # Connections only waiting their turn to initiate are planned on the cache: nothing
-        # happened to them since the last look (they have no SA).
-        looked_at = work.keys - self._waiting_turn
-        waiting = set(work.keys & self._waiting_turn)
-        self._waiting_turn -= work.keys
-        scope = None if work.full or self._daemon_error or len(looked_at) > SCOPED_OBSERVE_LIMIT else looked_at
+        scope = None if work.full or self._daemon_error or len(work.keys) > SCOPED_OBSERVE_LIMIT else work.keys
         try:
             restarted = self.observation.look(scope) if scope is None or scope else False
             self._daemon_error = None
@@ -136,10 +119,9 @@ class Reconciler:
         actions = plan(self.desired.peerings, observed, memory, now, scope=dirty,
                        wanted_secrets=self.desired.secret_ids.keys())
         self._rearm_tried(tried, actions, now)
-        actions = self._pace(actions, waiting, now)
         if self._apply(actions, now) and (work.full or any(isinstance(a, UnloadConn) for a in actions)):
             self._backend.cleanup_credentials(self.desired.peerings.values())
-        self._touch(tunnel.name for conn in dirty - waiting if (peering := self.desired.peerings.get(conn))
+        self._touch(tunnel.name for conn in dirty if (peering := self.desired.peerings.get(conn))
                     for tunnel in peering.tunnels)
         self._publish(now)
 
@@ -170,35 +152,6 @@ class Reconciler:
         log.info("the IKE daemon restarted; %d responder connection(s) initiate in %g s unless their peer "
                  "does first", len(responders), TAKEOVER_DELAY)
         self._queue.schedule_takeovers(responders, now + TAKEOVER_DELAY)
-
-    def _pace(self, actions: tuple[Action, ...], waiting: set[str], now: float) -> tuple[Action, ...]:
-        """Initiations of IKE SAs (connections with none established) beyond INITIATION_WINDOW
-        wait their turn, those that waited already first. While any wait, a child that failed
-        before is not asked for again (a retry costs a key exchange on both ends and likely fails
-        the same way): the IKE SAs still to come go first. Everything else goes as planned."""
-        initiations = [a for a in actions if isinstance(a, Initiate)]
-        if not initiations:
-            return actions
-        sas_of = self.observation.state.sas_of
-        starts = sorted((a for a in initiations if not any(sa.established for sa in sas_of(a.conn_name))),
-                        key=lambda a: a.conn_name not in waiting)
-        self._starting = {name: at for name, at in self._starting.items()
-                          if at > now - INITIATION_SLOT_S and name in self.desired.peerings
-                          and not any(sa.established for sa in sas_of(name))}
-        budget = max(0, INITIATION_WINDOW - len(self._starting))
-        held = starts[budget:]
-        for action in starts[:budget]:
-            self._starting[action.conn_name] = now
-        if held or self._waiting_turn:
-            held += [a for a in initiations if a.child in self._attempted.get(a.conn_name, ())
-                     and any(sa.established for sa in sas_of(a.conn_name))]
-        if not held:
-            return actions
-        later = {a.conn_name for a in held}
-        self._waiting_turn |= later
-        self._queue.defer(later, now + INITIATION_POLL_S)
-        held_now = set(held)
-        return tuple(a for a in actions if a not in held_now)
 
     def _children_tried(self, conn_names: set[str], now: float) -> dict[str, set[str]]:
         """The connections' children tried within their retry delay (those past it are forgotten)."""
@@ -240,11 +193,8 @@ class Reconciler:
                 self._queue.cancel_takeover(name)
             if name in peerings:
                 self._progress[name] = progress
-                if progress[1] >= len(peerings[name].children):
-                    self._attempted.pop(name, None)  # every child up: nothing is a retry any more
             else:
                 self._progress.pop(name, None)
-                self._attempted.pop(name, None)
 
     def _apply(self, actions: tuple[Action, ...], now: float) -> bool:
         """Carry out the actions, each fenced; false when the IKE daemon stopped answering."""
@@ -334,7 +284,6 @@ class Reconciler:
         elif isinstance(action, Initiate):
             # Until the IKE daemon reports progress, do not initiate again before the backoff delay.
             delay = self._queue.failed(action.conn_name, now)
-            self._attempted.setdefault(action.conn_name, set()).add(action.child)
             children, _ = self._tried.get(action.conn_name, (set(), 0.0))
             self._tried[action.conn_name] = (children | {action.child}, now + delay)
             log.debug("%s: initiating %s", self._describe(action.conn_name), action.child)

@@ -90,11 +90,6 @@ class WorkQueue:
         self.not_before[key] = now + delay
         return delay
 
-    def defer(self, keys: Iterable[str], at: float) -> None:
-        """Take these keys up again at `at` (no attempt is counted: they are waiting their turn)."""
-        for key in keys:
-            self.not_before.setdefault(key, at)
-
     def reset(self, key: str) -> None:
         """Progress, or a new desired form: the key's next attempt may happen at once."""
         self._attempts.pop(key, None)
