@@ -81,14 +81,16 @@ class Ovsdb:
                 raise ConnectionError("ovsdb-server closed the connection")
             self._buffer += chunk.decode()
 
-    def add_tunnels(self, tunnels: list[tuple[str, str, str]]) -> tuple[float, float]:
+    def add_tunnels(self, tunnels: list[tuple[str, str, str]],
+                    extra_options: tuple[tuple[str, str], ...] = ()) -> tuple[float, float]:
         """(name, local_ip, remote_ip) Geneve PSK tunnels, exactly the rows `ovs-vsctl add-port ...
         -- set interface NAME type=geneve options:local_ip=.. options:remote_ip=.. options:psk=..`
         writes, all in one transaction. Returns (sent, committed)."""
         ops: list[dict] = []
         ports = []
         for index, (name, local_ip, remote_ip) in enumerate(tunnels):
-            options = ["map", [["local_ip", local_ip], ["psk", PSK], ["remote_ip", remote_ip]]]
+            options = ["map", sorted([["local_ip", local_ip], ["psk", PSK], ["remote_ip", remote_ip],
+                                      *map(list, extra_options)])]
             ops.append({"op": "insert", "table": "Interface", "uuid-name": f"i{index}",
                         "row": {"name": name, "type": "geneve", "options": options}})
             ops.append({"op": "insert", "table": "Port", "uuid-name": f"p{index}",
@@ -416,6 +418,19 @@ def wait_socket(path: str, timeout: float) -> None:
         finally:
             sock.close()
     raise TimeoutError(f"nothing answers on {path} after {timeout:g} s")
+
+
+# The establishment cell's proposals: ours' default (curve25519 first, MODP-2048 kept for upstream
+# peers) and upstream's MODP-2048 only, which ours gets through options:ipsec_ike/ipsec_esp.
+PROPOSALS = {
+    "modern": ("aes256gcm16-sha256-curve25519-modp2048", "aes256gcm16-curve25519-modp2048"),
+    "modp2048": ("aes256gcm16-sha256-modp2048", "aes256gcm16-modp2048"),
+}
+
+
+def est_b_ip(index: int) -> str:
+    """The establishment cell's B address of tunnel `index` (from 1): B holds them all as aliases."""
+    return f"10.220.{(index - 1) // 250 + 1}.{(index - 1) % 250 + 1}"
 
 
 def remote_ip(index: int, base: str = "10.201") -> str:

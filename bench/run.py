@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     Meter, Ovsdb, PlutoConns, SpdCounter, charon_children, cpu_ticks, established_sas, ike_sa_counts, log,
-    memory_kb, pluto_conn_tunnel, pluto_tunnels, remote_ip, system_jiffies, vici_session, wait_quiet, watch,
+    PROPOSALS, est_b_ip, memory_kb, pluto_conn_tunnel, pluto_tunnels, remote_ip, system_jiffies, vici_session, wait_quiet,
+    watch,
 )
 
 from testsupport.pluto import LIBRESWAN_ROOT  # noqa: E402
@@ -70,10 +71,6 @@ IKES = ("strongswan", "libreswan")
 # given up on it: neither has a timer that would finish it later.
 STEP_GIVE_UP_QUIET = 5.0
 DAEMON = {"strongswan": "charon", "libreswan": "pluto"}
-
-
-def est_b_ip(index: int) -> str:
-    return f"10.220.{(index - 1) // 250 + 1}.{(index - 1) % 250 + 1}"
 
 
 def ip(netns: str, *args: str, batch: str | None = None) -> None:
@@ -240,9 +237,9 @@ class Upstreams(Driver):
 class Floor(Driver):
     impl, prefix = "floor", "floor-"
 
-    def __init__(self, host, charon_conf: str, local: str, remote_base: str) -> None:
+    def __init__(self, host, charon_conf: str, local: str, remote_base: str, proposals: str = "modern") -> None:
         super().__init__(host, charon_conf)
-        self.local, self.remote_base = local, remote_base
+        self.local, self.remote_base, self.proposals = local, remote_base, proposals
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -252,7 +249,7 @@ class Floor(Driver):
     def start(self) -> None:
         self.host.start_charon()
         self.proc = subprocess.Popen([sys.executable, str(HERE / "floor.py"), self.host.vici_path, self.local,
-                                      self.remote_base], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      self.remote_base, self.proposals], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      cwd=HERE)
 
     def send(self, command: str) -> None:
@@ -478,10 +475,16 @@ def _wait_spd_empty(spd: SpdCounter, timeout: float = 30) -> None:
 
 # -- establishment -----------------------------------------------------------------------------
 
-def establish_cell(impl: str, n: int, args) -> dict:
-    """Time from A's commit until A's charon has N IKE SAs established."""
+def establish_cell(impl: str, n: int, args, proposals: str = "modern") -> dict:
+    """Time from A's commit until A's charon has N IKE SAs established.
+
+    `proposals` (ours and the floor): "modern", ours' default (curve25519 first, MODP-2048 kept), or
+    "modp2048", upstream's (ours through options:ike/esp). Upstream always uses its own."""
     prefix = "oe" + secrets.token_hex(2)
-    detail: dict = {"n": n, "ike": "strongswan", "impl": impl,
+    proposals = "modp2048" if impl == "upstream" else proposals
+    extra = (("ipsec_esp", PROPOSALS[proposals][1]), ("ipsec_ike", PROPOSALS[proposals][0])) if impl == "ours" and \
+        proposals != "modern" else ()
+    detail: dict = {"n": n, "ike": "strongswan", "impl": impl, "proposals": proposals,
                     "loadavg_1min_before": float(Path("/proc/loadavg").read_text().split()[0])}
     limit = args.establish_limit
     with Sandbox(prefix, _fresh(WORKDIR / f"est-{impl}-{n}"), keep_files=args.keep) as box:
@@ -489,15 +492,19 @@ def establish_cell(impl: str, n: int, args) -> dict:
         b = box.add_host("b", f"{est_b_ip(1)}/16", extra_charon_conf=CHARON_CONF)
         ip(b.name, "-batch", "-", batch="".join(f"addr add {est_b_ip(i)}/16 dev {b.device}\n"
                                                  for i in range(2, n + 1)))
-        da, db = (Ours(h, CHARON_CONF) if impl == "ours" else Upstreams(h, CHARON_CONF) for h in (a, b))
+        da, db = (_est_driver(impl, h, proposals) for h in (a, b))
         system0 = None
         try:
             for host, driver in ((b, db), (a, da)):
                 host.start_ovsdb()
                 driver.start()
             # B (the responders) first, loaded and quiet.
-            ob = Ovsdb(f"{b.workdir}/db.sock")
-            _, t_b = ob.add_tunnels([(f"gnv{i}", est_b_ip(i), EST_A) for i in range(1, n + 1)])
+            if isinstance(db, Floor):
+                db.send(f"respond 1 {n} {EST_A}")
+                t_b = db.reply()[0]
+            else:
+                ob = Ovsdb(f"{b.workdir}/db.sock")
+                _, t_b = ob.add_tunnels([(f"gnv{i}", est_b_ip(i), EST_A) for i in range(1, n + 1)], extra)
             # Counted in charon, not in the SPD: upstream ignores local_ip (left=%any), so B's N traps
             # toward A's one address are identical policies that the kernel holds once.
             res = watch(db.meter(), _every(0.25, lambda: charon_children(db.vici_path, db.prefix)[1] >= 2 * n),
@@ -509,10 +516,14 @@ def establish_cell(impl: str, n: int, args) -> dict:
             wait_quiet(da.meter(), quiet=1.0, limit=60)
 
             spd_a = SpdCounter(a.name)
-            oa = Ovsdb(f"{a.workdir}/db.sock")
             session = vici_session(da.vici_path)
             system0 = system_jiffies()
-            _, t_ref = oa.add_tunnels([(f"gnv{i}", EST_A, est_b_ip(i)) for i in range(1, n + 1)])
+            if isinstance(da, Floor):  # from its first VICI call; it answers `done` once all are sent
+                da.send(f"initiate 1 {n}")
+                t_ref = float(da.proc.stdout.readline().split()[1])
+            else:
+                oa = Ovsdb(f"{a.workdir}/db.sock")
+                _, t_ref = oa.add_tunnels([(f"gnv{i}", EST_A, est_b_ip(i)) for i in range(1, n + 1)], extra)
             loaded_at = triggered_at = reached = None
             deadline = t_ref + limit
             while time.time() < deadline:
@@ -536,6 +547,9 @@ def establish_cell(impl: str, n: int, args) -> dict:
                 log(f"  establish {impl} N={n}: CUT OFF {detail['cut_off']}")
                 return detail
             detail["establish_s"] = round(reached - t_ref, 3)
+            if isinstance(da, Floor):
+                _, sent_at, _ = da.proc.stdout.readline().split()
+                detail["floor_all_sent_s"] = round(float(sent_at) - t_ref, 3)
             if triggered_at:
                 detail["after_trigger_s"] = round(reached - triggered_at, 3)
             detail["verified_established"] = established_sas(da.vici_path)
@@ -556,6 +570,12 @@ def establish_cell(impl: str, n: int, args) -> dict:
                     driver.stop()
                 except Exception as exc:
                     log(f"  stopping {driver.impl} on {driver.host.name}: {exc!r}")
+
+
+def _est_driver(impl: str, host, proposals: str) -> Driver:
+    if impl == "floor":  # straight into charon over VICI; the local address is A's (B's are per tunnel)
+        return Floor(host, CHARON_CONF, EST_A, LOAD_REMOTES, proposals)
+    return Ours(host, CHARON_CONF) if impl == "ours" else Upstreams(host, CHARON_CONF)
 
 
 def _every(seconds: float, predicate):
@@ -618,6 +638,9 @@ def machine() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="10,100,1000,5000", help="tunnel counts for the load test (strongSwan)")
+    parser.add_argument("--est-proposals", default="modern",
+                        help="establishment proposals for ours and the floor: modern (ours' default: curve25519 "
+                             "first, MODP-2048 kept) and/or modp2048 (upstream's)")
     parser.add_argument("--establish", default="100,1000",
                         help="tunnel counts for establishment, strongSwan only ('' to skip)")
     parser.add_argument("--lsw-n", default="100,1000", help="tunnel counts for the load test on LibreSwan")
@@ -665,6 +688,7 @@ def main() -> int:
     Ours.extra_flags = tuple(args.ours_flags.split())
     ns = [int(x) for x in args.n.split(",") if x] if "strongswan" in ikes else []
     est = [int(x) for x in args.establish.split(",") if x] if "strongswan" in ikes else []
+    est_proposals = [p for p in args.est_proposals.split(",") if p]
     lsw_ns = [int(x) for x in args.lsw_n.split(",") if x] if "libreswan" in ikes else []
     lsw_impls = [i for i in impls if i != "floor"]  # the floor is a VICI script: strongSwan only
     out = Path(args.out)
@@ -691,18 +715,21 @@ def main() -> int:
             details.append(detail)
         save()
     for n in est:
-        for impl in [i for i in impls if i != "floor"]:
-            log(f"establish N={n} {impl}")
-            try:
-                detail = establish_cell(impl, n, args)
-            except Exception as exc:
-                log(f"  establish {impl} N={n} FAILED: {exc!r}")
-                detail = {"n": n, "ike": "strongswan", "impl": impl, "error": repr(exc)}
-            detail["kind"] = "establish"
-            details.append(detail)
-            row = rows.setdefault(("strongswan", n, impl), empty_row(n, "strongswan", impl))
-            row["establish_s"] = detail.get("establish_s")
-            save()
+        for impl in impls:
+            # the table's row has ours' default; the other proposal is in the details
+            for proposals in (est_proposals if impl != "upstream" else ["modp2048"]):
+                log(f"establish N={n} {impl} ({proposals})")
+                try:
+                    detail = establish_cell(impl, n, args, proposals)
+                except Exception as exc:
+                    log(f"  establish {impl} N={n} FAILED: {exc!r}")
+                    detail = {"n": n, "ike": "strongswan", "impl": impl, "proposals": proposals, "error": repr(exc)}
+                detail["kind"] = "establish"
+                details.append(detail)
+                row = rows.setdefault(("strongswan", n, impl), empty_row(n, "strongswan", impl))
+                if proposals == "modern" or impl == "upstream":
+                    row["establish_s"] = detail.get("establish_s")
+                save()
     # LibreSwan last, so the strongSwan figures are taken exactly as before. No establishment:
     # see bench/README.md.
     for n in lsw_ns:

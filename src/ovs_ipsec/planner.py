@@ -17,7 +17,7 @@ import hashlib
 import socket
 from collections.abc import Callable, Collection, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model import AuthMethod, Invalid, ObservedState, Tunnel
 
@@ -103,6 +103,10 @@ class Memory:
     # Connections and secrets never to remove although unwanted: they serve a tunnel that is
     # invalid now and has no configuration in force (the monitor restarted since it was valid).
     protected: AbstractSet[str] = frozenset()
+    # conn name -> children we initiated whose retry delay has not run out: an IKE SA coming up
+    # does not make them worth asking for again at once (one that failed with it would fail again;
+    # on a kernel without ESP every one does, and each retry is a Diffie-Hellman on both ends).
+    tried: Mapping[str, AbstractSet[str]] = field(default_factory=dict)
 
 
 def protected_conns(observed: ObservedState, tunnels: AbstractSet[str], naming: Naming,
@@ -213,14 +217,15 @@ def _converge(peering: Peering, observed: ObservedState, memory: Memory) -> list
     installed = {child for sa in sas for child in sa.installed_children}
     actions += [TerminateChild(peering.conn_name, child) for child in sorted(installed - wanted_children)]
     if peering.initiator or peering.conn_name in memory.takeover:
-        actions += _initiations(peering, sas, installed)
+        actions += _initiations(peering, sas, installed, memory.tried.get(peering.conn_name, frozenset()))
     return actions
 
 
-def _initiations(peering: Peering, sas, installed: set[str]) -> list[Initiate]:
+def _initiations(peering: Peering, sas, installed: set[str], tried: AbstractSet[str]) -> list[Initiate]:
     if any(sa.state not in ("ESTABLISHED", "DELETING", "DESTROYING") for sa in sas):
         return []  # an IKE SA is being negotiated: wait for it
     if not any(sa.established for sa in sas):
         # The first child goes with IKE_AUTH; the others follow once the IKE SA exists.
         return [Initiate(peering.conn_name, peering.children[0][0])]
-    return [Initiate(peering.conn_name, child) for child, _ in peering.children if child not in installed]
+    return [Initiate(peering.conn_name, child) for child, _ in peering.children
+            if child not in installed and child not in tried]

@@ -91,6 +91,9 @@ def test_ours_and_upstream_bring_up_one_ike_sa_and_both_report_it(sandbox, tmp_p
         assert [(sa["initiator-spi"], sa["responder-spi"]) for sa in theirs_sas] == \
             [(ours_sa["initiator-spi"], ours_sa["responder-spi"])]
         assert (ours_sa.get("initiator") == b"yes") is (initiator == "ours")
+        # Ours offers curve25519 first and keeps MODP-2048, upstream's only group: whoever
+        # initiates, the two agree on MODP-2048 (ours initiating costs one INVALID_KE_PAYLOAD).
+        assert ours_sa["dh-group"] == theirs_sas[0]["dh-group"] == b"MODP_2048"
         assert (theirs_sas[0].get("initiator") == b"yes") is (initiator == "upstream")
         if tunnel_type == "gre":  # upstream's own report; for UDP tunnels its `ipsec status` regex
             # files the SA under "tun-in"/"tun-out" (ovs-issues#355), never under the tunnel

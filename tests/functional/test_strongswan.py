@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import ovs_ipsec
-from testsupport.tunnels import add_pair, add_tunnel, ike_sa_ids
+from testsupport.tunnels import add_pair, add_tunnel, charon_conns, charon_secrets, ike_sa_ids
 from testsupport.procs import wait_for
 
 
@@ -26,6 +26,51 @@ def test_ipv6_underlay_tunnel_reaches_established(two_hosts):
     add_tunnel(a, b, "tun6", "geneve", family=6, psk="swordfish")
     add_tunnel(b, a, "tun6", "geneve", family=6, psk="swordfish")
     assert a.wait_ike_up("tun6")["remote_ip"] == "fd00:231::2"
+
+
+def test_two_of_ours_agree_on_curve25519_and_modp2048_stays_on_offer(two_hosts):
+    """The default proposals put curve25519 first: two hosts of ours negotiate it. MODP-2048 stays
+    in them for upstream peers (test_mixed_cluster.py), and a tunnel configured with upstream's
+    MODP-2048-only proposal still meets a default one."""
+    a, b = two_hosts
+    add_tunnel(a, b, "tun", "geneve", psk="swordfish")
+    add_tunnel(b, a, "tun", "geneve", psk="swordfish")
+    conn = a.wait_ike_up("tun")["conn"]
+    assert _dh_groups(a, conn) == {b"CURVE_25519"} and _dh_groups(b, b.wait_ike_up("tun")["conn"]) == {b"CURVE_25519"}
+    legacy = {"ipsec_ike": "aes256gcm16-sha256-modp2048", "ipsec_esp": "aes256gcm16-modp2048"}
+    add_tunnel(a, b, "old", "geneve", family=6, psk="fish", **legacy)  # a: upstream's proposals only
+    add_tunnel(b, a, "old", "geneve", family=6, psk="fish")  # b: the default
+    assert _dh_groups(a, a.wait_ike_up("old")["conn"]) == {b"MODP_2048"}
+
+
+def test_upgrading_from_modp2048_only_defaults_replaces_each_connection_once(two_hosts):
+    """What an upgrade to the curve25519-first defaults does to live SAs. Upstream's proposals,
+    pinned with ipsec_ike/ipsec_esp, render exactly the names and messages the MODP-2048-only
+    defaults did (unit-tested in test_render.py), so this is the upgrade: monitors stopped without
+    cleanup, the pin gone, monitors started. The old connection, its secret and its IKE SA are
+    removed, the new one is loaded and negotiated (curve25519): one renegotiation per peering."""
+    a, b = two_hosts
+    legacy = {"ipsec_ike": "aes256gcm16-sha256-modp2048", "ipsec_esp": "aes256gcm16-modp2048"}
+    add_pair(a, b, "tun", "geneve", psk="swordfish", **legacy)
+    old = a.wait_ike_up("tun")["conn"]
+    old_sas = ike_sa_ids(a)
+    assert _dh_groups(a, old) == {b"MODP_2048"}
+    for host in (a, b):
+        host.stop_monitor(cleanup=False)
+        host.vsctl("remove", "interface", "tun", "options", "ipsec_ike", "ipsec_esp")
+    assert ike_sa_ids(a) == old_sas  # nothing moved while the monitors were down
+    for host in (a, b):
+        host.start_monitor()
+    wait_for(lambda: len(ids := ike_sa_ids(a)) == 1 and old not in ids, 30,
+             what="the old IKE SA gone and the new connection's up, alone")
+    (new,) = ike_sa_ids(a)
+    assert a.wait_ike_up("tun")["conn"] == new and _dh_groups(a, new) == {b"CURVE_25519"}
+    assert old not in charon_conns(a) and old not in charon_secrets(a)
+
+
+def _dh_groups(host, conn: str) -> set[bytes]:
+    return {sa["dh-group"] for event in host.vici().list_sas({"ike": conn}) for sa in event.values()
+            if sa["state"] == b"ESTABLISHED"}
 
 
 def test_custom_dst_port_gets_selectors_on_that_port(two_hosts):

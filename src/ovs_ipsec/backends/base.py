@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from ..errors import BackendError
 from ..model import ObservedState, Tunnel
 from ..planner import Action, Naming, Peering
+
+# Told of every action a batch carried out or gave up on: (the action, None or why it failed).
+ActionDone = Callable[[Action, "Exception | None"], None]
 
 
 class Backend(Protocol):
@@ -37,3 +40,16 @@ class Backend(Protocol):
 
     def close(self) -> None:
         ...
+
+
+class PipelinedBackend(Backend, Protocol):
+    """A backend that can have many actions under way at once (strongSwan: requests pipelined on
+    the VICI session). The reconciler uses apply_chains when a backend has it."""
+
+    def apply_chains(self, chains: Sequence[Sequence[Action]], done: ActionDone) -> None:
+        """Carry out each chain's actions in order, an action only once the one before it in its
+        chain succeeded; chains are independent of one another and may overlap. done(action, error)
+        for every action carried out or failed (error: BackendError, or anything a bug raised);
+        actions after a failure in their chain are not attempted and not reported. Raises
+        BackendError (transport) when the daemon stopped answering: what was not reported by
+        then did not finish."""

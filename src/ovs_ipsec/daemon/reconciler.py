@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
-from ..backends.base import Backend
+from ..backends.base import ActionDone, Backend
 from ..errors import BackendError
 from ..guard.enforcer import PlaintextGuard
 from ..model import DesiredState
@@ -53,6 +53,8 @@ class Reconciler:
         self._errors: dict[str, str] = {}  # conn name -> why its last action failed
         self._progress: dict[str, tuple[bool, int]] = {}
         self._takeover: set[str] = set()  # responder conns initiating until an SA is up
+        # conn name -> (children initiated, until when they count as tried): see Memory.tried
+        self._tried: dict[str, tuple[set[str], float]] = {}
         self._daemon_error: str | None = None
         self._pass_error: str | None = None  # why the last pass failed unexpectedly
         self._last_full_resync: float | None = None
@@ -111,10 +113,12 @@ class Reconciler:
         self._note_progress(dirty)
         protected = protected_conns(observed, self.desired.unprotected_invalid(), self._backend.naming,
                                     scope=None if work.full else dirty)
+        tried = self._children_tried(dirty, now)
         memory = Memory(self.observation.secret_digests, self._queue.not_before, frozenset(self._takeover),
-                        protected)
+                        protected, tried)
         actions = plan(self.desired.peerings, observed, memory, now, scope=dirty,
                        wanted_secrets=self.desired.secret_ids.keys())
+        self._rearm_tried(tried, actions, now)
         if self._apply(actions, now) and (work.full or any(isinstance(a, UnloadConn) for a in actions)):
             self._backend.cleanup_credentials(self.desired.peerings.values())
         self._touch(tunnel.name for conn in dirty if (peering := self.desired.peerings.get(conn))
@@ -156,6 +160,31 @@ class Reconciler:
                  "does first", len(responders), TAKEOVER_DELAY)
         self._queue.schedule_takeovers(responders, now + TAKEOVER_DELAY)
 
+    def _children_tried(self, conn_names: set[str], now: float) -> dict[str, set[str]]:
+        """The connections' children tried within their retry delay (those past it are forgotten)."""
+        tried = {}
+        for name in conn_names:
+            children, until = self._tried.get(name, (set(), 0.0))
+            if until > now and name in self.desired.peerings:
+                tried[name] = children
+            else:
+                self._tried.pop(name, None)
+        return tried
+
+    def _rearm_tried(self, tried: dict[str, set[str]], actions: tuple[Action, ...], now: float) -> None:
+        """A connection whose missing children were all tried, and that got no initiation now, is
+        looked at again when their delay runs out: progress (its IKE SA coming up) cleared the
+        backoff that would have brought it back."""
+        initiated = {action.conn_name for action in actions if isinstance(action, Initiate)}
+        for name, children in tried.items():
+            if name in initiated or name in self._queue.not_before:
+                continue
+            installed = {child for sa in self.observation.state.sas_of(name) for child in sa.installed_children}
+            if {child for child, _ in self.desired.peerings[name].children} - installed - children:
+                continue  # something else is missing: not a matter of waiting
+            if {child for child, _ in self.desired.peerings[name].children} - installed:
+                self._queue.failed(name, now)
+
     def _note_progress(self, conn_names: set[str]) -> None:
         """An SA that came up since the last look cancels the connection's initiation backoff,
         and the error of a failed initiation: the SA it asked for is there after all."""
@@ -178,28 +207,29 @@ class Reconciler:
         """Carry out the actions, each fenced; false when the IKE daemon stopped answering."""
         failed: set[str] = set()
         touched: set[str] = set()
-        for action in actions:
+
+        def done(action: Action, error: Exception | None) -> None:
             name = conn_of(action)
-            if name in failed:
-                continue  # later steps of a connection depend on the earlier ones
             touched.add(name)
-            try:
-                self._backend.apply(action)
-            except BackendError as exc:
-                failed.add(name)
-                self._failed(name, str(exc), now)
-                if exc.transport:
-                    self._daemon_unreachable(exc, now)
-                    return False
-                continue
-            except Exception as exc:  # noqa: BLE001 - a bug in one action costs one connection
-                failed.add(name)
-                log.debug("%s failed", type(action).__name__, exc_info=exc)
-                self._failed(name, f"internal error in {type(action).__name__} ({type(exc).__name__}: {exc}); "
+            if error is None:
+                self.observation.record(action)
+                self._after(action, now)
+                return
+            failed.add(name)
+            if isinstance(error, BackendError):
+                self._failed(name, str(error), now)
+            else:  # a bug in one action costs one connection
+                log.debug("%s failed", type(action).__name__, exc_info=error)
+                self._failed(name, f"internal error in {type(action).__name__} ({type(error).__name__}: {error}); "
                              "this is a bug, please report it", now)
-                continue
-            self.observation.record(action)
-            self._after(action, now)
+
+        try:
+            self._carry_out(actions, done, failed)
+        except BackendError as exc:
+            if not exc.transport:
+                raise
+            self._daemon_unreachable(exc, now)
+            return False
         try:
             deferred = self._backend.flush() or {}
         except BackendError as exc:
@@ -224,6 +254,33 @@ class Reconciler:
                      len(touched), f", {len(failed)} failed" if failed else "")
         return True
 
+    def _carry_out(self, actions: tuple[Action, ...], done: ActionDone, failed: set[str]) -> None:
+        """Hand the actions to the backend; raises BackendError when the daemon stopped answering.
+
+        A backend that can pipeline gets each phase of the plan (removals, loads, initiations) as
+        chains, one per connection, so thousands of loads overlap; the next phase starts once the
+        previous one is answered (every secret and connection is in before the first initiation).
+        Otherwise one action after the other, a connection's later steps skipped once one failed."""
+        apply_chains = getattr(self._backend, "apply_chains", None)
+        if apply_chains is not None:
+            for phase in phases(actions):
+                apply_chains(chains([action for action in phase if conn_of(action) not in failed]), done)
+            return
+        for action in actions:
+            if conn_of(action) in failed:
+                continue  # later steps of a connection depend on the earlier ones
+            try:
+                self._backend.apply(action)
+            except BackendError as exc:
+                if exc.transport:
+                    raise
+                done(action, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug in one action costs one connection
+                done(action, exc)
+                continue
+            done(action, None)
+
     def _failed(self, name: str, reason: str, now: float) -> None:
         reason = printable(reason)
         delay = self._queue.failed(name, now)
@@ -240,7 +297,9 @@ class Reconciler:
             log.info("removed connection %s", action.conn_name)
         elif isinstance(action, Initiate):
             # Until the IKE daemon reports progress, do not initiate again before the backoff delay.
-            self._queue.failed(action.conn_name, now)
+            delay = self._queue.failed(action.conn_name, now)
+            children, _ = self._tried.get(action.conn_name, (set(), 0.0))
+            self._tried[action.conn_name] = (children | {action.child}, now + delay)
             log.debug("%s: initiating %s", self._describe(action.conn_name), action.child)
         elif not isinstance(action, UnloadSecret):
             log.info("%s: ended child SA %s", self._describe(action.conn_name), action.child)
@@ -307,6 +366,26 @@ class Reconciler:
         self._events.emit(events_between(self.snapshot, snapshot, now))
         self.snapshot = snapshot
         self._on_publish()
+
+
+def phases(actions: Sequence[Action]) -> list[list[Action]]:
+    """The plan's runs of removals, loads (and ended children) and initiations, in its order."""
+    def phase(action: Action) -> int:
+        return 0 if isinstance(action, (UnloadSecret, UnloadConn)) else 2 if isinstance(action, Initiate) else 1
+    runs: list[list[Action]] = []
+    for action in actions:
+        if not runs or phase(runs[-1][-1]) != phase(action):
+            runs.append([])
+        runs[-1].append(action)
+    return runs
+
+
+def chains(actions: Sequence[Action]) -> list[list[Action]]:
+    """One chain per connection, its actions in the plan's order; chains in order of first appearance."""
+    by_conn: dict[str, list[Action]] = {}
+    for action in actions:
+        by_conn.setdefault(conn_of(action), []).append(action)
+    return list(by_conn.values())
 
 
 def conn_of(action: Action) -> str:

@@ -332,3 +332,58 @@ def test_a_deferred_load_that_fails_at_flush_fails_its_own_connection_only():
     loop.backend.fail = set()
     loop.tick(300.0)  # past the backoff: loaded again, and now it holds
     assert bad in loop.backend.conns and not loop.status("bad").reason
+
+
+class PipeliningBackend(FakeBackend):
+    """An in-memory daemon with apply_chains: the chains of each batch are recorded, then carried
+    out one action at a time, a chain stopping at its first failure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[list[str]]] = []
+
+    def apply_chains(self, chains, done) -> None:
+        self.batches.append([[type(action).__name__ for action in chain] for chain in chains])
+        for chain in chains:
+            for action in chain:
+                try:
+                    self.apply(action)
+                except Exception as exc:  # noqa: BLE001 - reported as the real backend does
+                    done(action, exc)
+                    break
+                done(action, None)
+
+
+def test_a_pipelining_backend_gets_phases_of_per_connection_chains_and_a_failure_stops_its_own_only():
+    backend = PipeliningBackend()
+    loop = Loop(backend)
+    bad = "10.0.0.3"
+    backend.refuse = lambda action: isinstance(action, LoadConn) and action.peering.tunnels[0].remote_ip == bad
+    loop.configure(row("gnv1", "geneve", **PSK), row("gnv2", "geneve", **dict(PSK, remote_ip=bad)))
+    loads, initiations = backend.batches
+    assert loads == [["LoadSecret", "LoadConn"]] * 2  # every load in before the first initiation
+    assert initiations == [["Initiate"]]  # the refused connection is not initiated
+    assert [a.conn_name for a in backend.applied if isinstance(a, Initiate)] == [loop.conn("gnv1")]
+    assert loop.status("gnv2").state is TunnelState.ERROR and "charon refused" in loop.status("gnv2").reason
+    assert loop.status("gnv1").state is not TunnelState.ERROR
+
+
+def test_a_child_that_failed_with_its_ike_sa_is_retried_after_its_delay_not_when_the_sa_comes_up():
+    """The first child goes with IKE_AUTH. When the IKE SA comes up without it (the peer or the
+    kernel refused it), the other children are asked for at once, that one only when its retry
+    delay has run out: an immediate retry would fail the same way, at the cost of a key exchange
+    on both ends (on this host's kernel, with no ESP, every child fails)."""
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", **PSK))
+    conn = loop.conn("gnv")
+    first, second = (child for child, _ in loop.reconciler.desired.peerings[conn].children)
+    assert loop.backend.applied[-1] == Initiate(conn, first)
+    loop.backend.establish(conn, children=False)
+    loop.tick(0.5, dirty=[conn])
+    assert loop.backend.applied[-1] == Initiate(conn, second)
+    count = len(loop.backend.applied)
+    loop.tick(1.0)
+    assert len(loop.backend.applied) == count  # still within the first child's delay
+    loop.tick(1.5)
+    assert loop.backend.applied[count:] == [Initiate(conn, first), Initiate(conn, second)]
+

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import select
 import socket
 import struct
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import vici
 import vici.exception
+from vici.protocol import Message, Packet
 
 from ...errors import BackendError
 from ...model import ObservedState, Tunnel
@@ -26,12 +30,16 @@ from ...planner import (
     UnloadConn,
     UnloadSecret,
 )
+from ..base import ActionDone
 from ..naming import is_ours
 from . import parse, render
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Requests in flight on the session during a batch: enough that charon always has the next one
+# queued while we build more, small enough that a refusal stops its chain soon.
+PIPELINE_WINDOW = 64
 EVENT_TYPES = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"]
 
 
@@ -44,9 +52,10 @@ def socket_path(uri: str) -> str:
 class StrongSwanBackend:
     name = "strongswan"
 
-    def __init__(self, vici_uri: str, timeout: float = 10.0) -> None:
+    def __init__(self, vici_uri: str, timeout: float = 10.0, pipeline_window: int = PIPELINE_WINDOW) -> None:
         self._path = socket_path(vici_uri)
         self._timeout = timeout
+        self._window = max(1, pipeline_window)
         self._session: vici.Session | None = None
         self._daemon_id: str | None = None  # the charon process at the other end of the session
         self._loaded_keys: dict[str, str] = {}  # sha256 of key PEM -> charon key id
@@ -58,27 +67,12 @@ class StrongSwanBackend:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def _call(self, what: str, func: Callable[[vici.Session], T]) -> T:
-        """Run one VICI exchange; a broken or slow socket is dropped so the next call reconnects."""
-        try:
-            reused = self._session is not None
-            try:
-                return func(self._connect())
-            except BrokenPipeError:
-                # The request never left: the charon at the other end of the kept session is gone.
-                # If it was restarted, the new one answers now; failing here would cost the pass
-                # and its retry delay (UNREACHABLE_RETRY, 5 s) for nothing.
-                if not reused:
-                    raise
-                self._drop_session()
-                return func(self._connect())
-        except vici.exception.CommandException as exc:
-            raise BackendError(f"charon refused {what}: {exc}") from exc
-        except (OSError, vici.exception.SessionException) as exc:
+    def _connected(self) -> vici.Session:
+        if self._session is not None and _closed_by_peer(self._session.transport.socket):
+            # The charon at the other end of the kept session is gone (restarted, say): a new
+            # session now, rather than a request that fails and costs the pass its retry delay
+            # (UNREACHABLE_RETRY, 5 s) for nothing.
             self._drop_session()
-            raise BackendError(f"charon did not answer {what} on {self._path}: {exc}", transport=True) from exc
-
-    def _connect(self) -> vici.Session:
         if self._session is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self._timeout)
@@ -86,6 +80,16 @@ class StrongSwanBackend:
             self._daemon_id = _peer_process(sock)
             self._session = vici.Session(sock)
         return self._session
+
+    def _call(self, what: str, func: Callable[[vici.Session], T]) -> T:
+        """Run one VICI exchange; a broken or slow socket is dropped so the next call reconnects."""
+        try:
+            return func(self._connected())
+        except vici.exception.CommandException as exc:
+            raise BackendError(f"charon refused {what}: {exc}") from exc
+        except (OSError, vici.exception.SessionException) as exc:
+            self._drop_session()
+            raise BackendError(f"charon did not answer {what} on {self._path}: {exc}", transport=True) from exc
 
     def _drop_session(self) -> None:
         if self._session is not None:
@@ -105,55 +109,148 @@ class StrongSwanBackend:
             conns = self._call("list-conns", lambda s: parse.owned_conns(s.list_conns()))
             sas = self._call("list-sas", lambda s: parse.ike_sas(s.list_sas()))
             return ObservedState(conns=conns, shared_secrets=secrets, sas=sas, daemon_id=self._daemon_id)
-        else:
-            secrets = frozenset()  # a scoped look leaves secrets to the caller's cache
-            conns, sas = {}, {}
-            for name in conn_names:
-                conns.update(parse.owned_conns(self._call(f"list-conns {name}", _listing("list_conns", name))))
-                sas.update(parse.ike_sas(self._call(f"list-sas {name}", _listing("list_sas", name))))
-        return ObservedState(conns=conns, shared_secrets=secrets, sas=sas)
+        # a scoped look leaves secrets to the caller's cache
+        conns, sas = self._scoped_listing(list(conn_names))
+        return ObservedState(conns=conns, shared_secrets=frozenset(), sas=sas)
+
+    def _scoped_listing(self, names: list[str]) -> tuple[dict, dict]:
+        """list-conns and list-sas of each connection, pipelined like apply_chains: both event
+        streams registered once, every request sent without waiting for the one before (charon
+        streams a request's entries, then answers it, in order). One at a time, each listing cost
+        three round trips (register, request, unregister): a burst of events about 64 connections
+        was 384 of them, while charon was busy negotiating."""
+        conn_events: list = []
+        sa_events: list = []
+        what = f"list-conns/list-sas of {len(names)} connection(s)"
+        requests = [(command, {"ike": name}) for name in names for command in ("list-conns", "list-sas")]
+        streams = ("list-conn", "list-sa")
+        try:
+            transport = self._connected().transport
+            for stream in streams:
+                transport.send(Packet.register_event(stream))
+            awaited = len(streams)  # replies still to come: confirmations, then one per request
+            sent = 0
+            while awaited or sent < len(requests):
+                if sent < len(requests) and awaited < self._window:
+                    command, message = requests[sent]
+                    transport.send(Packet.request(command, Message.serialize(message)))
+                    sent += 1
+                    awaited += 1
+                    continue
+                packet = Packet.parse(transport.receive())
+                if packet.response_type == Packet.EVENT:
+                    kind = packet.event_type
+                    (conn_events if kind == b"list-conn" else sa_events).append(Message.deserialize(packet.payload))
+                elif packet.response_type in (Packet.CMD_RESPONSE, Packet.EVENT_CONFIRM):
+                    awaited -= 1
+                else:
+                    raise vici.exception.SessionException(f"unexpected VICI packet type {packet.response_type}")
+            for stream in streams:
+                transport.send(Packet.unregister_event(stream))
+            for _ in streams:
+                if Packet.parse(transport.receive()).response_type != Packet.EVENT_CONFIRM:
+                    raise vici.exception.SessionException("event stream not unregistered")
+        except (OSError, vici.exception.SessionException, vici.exception.DeserializationException) as exc:
+            self._drop_session()
+            raise BackendError(f"charon did not answer {what} on {self._path}: {exc}", transport=True) from exc
+        return parse.owned_conns(conn_events), parse.ike_sas(sa_events)
 
     def flush(self) -> Mapping[str, BackendError]:
         """Nothing is deferred: every VICI call takes effect at once."""
         return {}
 
     def apply(self, action: Action) -> None:
-        if isinstance(action, LoadSecret):
-            peering = action.peering
-            first = peering.tunnels[0]
-            owners = [ip for ip in (first.local_ip, first.remote_ip) if ip]
-            self._call(f"load-shared {peering.secret_id}", lambda s: s.load_shared(
-                {"id": peering.secret_id, "type": "IKE", "data": peering.psk, "owners": owners}))
-        elif isinstance(action, UnloadSecret):
-            self._call(f"unload-shared {action.secret_id}", lambda s: s.unload_shared({"id": action.secret_id}))
-        elif isinstance(action, LoadConn):
-            key_pem = action.peering.tunnels[0].local_key_pem
-            if key_pem:
-                self._ensure_key(key_pem)
-            message = render.render_conn(action.peering)
-            self._call(f"load-conn {action.peering.conn_name}", lambda s: s.load_conn(message))
-        elif isinstance(action, UnloadConn):
-            self._call(f"unload-conn {action.conn_name}", lambda s: s.unload_conn({"name": action.conn_name}))
-            # charon keeps the SAs of an unloaded connection alive; end them so no SA outlives
-            # the parameters the operator removed.
-            self._terminate({"ike": action.conn_name})
-        elif isinstance(action, TerminateChild):
-            self._terminate({"child": action.child})
-        elif isinstance(action, Initiate):
-            # timeout -1: charon answers at once; the outcome arrives as an ike-updown event.
-            self._call(f"initiate {action.conn_name}/{action.child}", lambda s: _drain(s.initiate(
-                {"ike": action.conn_name, "child": action.child, "timeout": "-1"})))
-        else:
-            raise TypeError(f"unknown action {action!r}")
+        def raise_failure(_: Action, error: Exception | None) -> None:
+            if error is not None:
+                raise error
+        self.apply_chains([[action]], raise_failure)
 
-    def _terminate(self, selector: dict) -> None:
-        what = "/".join(selector.values())
+    def apply_chains(self, chains: Sequence[Sequence[Action]], done: ActionDone) -> None:
+        """Pipeline the chains' requests on the one session, up to `pipeline_window` in flight.
+
+        charon handles a session's requests one after the other and answers them in order, so a
+        reply is matched to its request by position, and an action sent after another is carried
+        out after it. Loading one request at a time left charon idle while we waited for its answer
+        and then built the next request (half of a bulk load's time). Within a chain, an action is
+        sent only once the previous one succeeded (a connection never goes in without its secret);
+        chains are independent, and one failing leaves the others going. Every reply must come
+        within the session's timeout of the previous one (the socket's timeout, on every read).
+        """
+        ready: deque[tuple[int, int]] = deque((i, 0) for i, chain in enumerate(chains) if chain)
+        in_flight: deque[_InFlight] = deque()
+        refusals: dict[tuple[int, int], BackendError] = {}
+
+        def settle_oldest() -> None:
+            entry = in_flight.popleft()
+            key = (entry.chain, entry.position)
+            error = self._reply_error(self._receive(entry.request.what))
+            if error is not None and not entry.request.absent_ok:
+                refusals.setdefault(key, BackendError(f"charon refused {entry.request.what}: {error}"))
+            if entry.last:
+                refusal = refusals.pop(key, None)
+                done(chains[entry.chain][entry.position], refusal)
+                if refusal is None and entry.position + 1 < len(chains[entry.chain]):
+                    ready.append((entry.chain, entry.position + 1))
+
         try:
-            self._call(f"terminate {what}", lambda s: _drain(s.terminate({**selector, "timeout": "-1"})))
-        except BackendError as exc:
-            if exc.transport:
-                raise
-            # "no matching SAs": nothing was up, which is what we wanted.
+            while ready or in_flight:
+                if not ready or len(in_flight) >= self._window:
+                    settle_oldest()
+                    continue
+                chain, position = ready.popleft()
+                action = chains[chain][position]
+                try:
+                    if isinstance(action, LoadConn) and self._needs_key(action):
+                        while in_flight:  # load-key's reply is read at once: nothing may be ahead of it
+                            settle_oldest()
+                        self._ensure_key(action.peering.tunnels[0].local_key_pem or b"")
+                    requests = _requests(action)
+                except BackendError as exc:
+                    if exc.transport:
+                        raise
+                    done(action, exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a bug rendering one action costs one connection
+                    done(action, exc)
+                    continue
+                for n, request in enumerate(requests):
+                    self._send(request)
+                    in_flight.append(_InFlight(chain, position, request, last=n == len(requests) - 1))
+        except BaseException:
+            if in_flight:
+                self._drop_session()  # unread replies would answer the next requests
+            raise
+
+    def _send(self, request: _Request) -> None:
+        try:
+            packet = Packet.request(request.command, Message.serialize(request.message))
+            self._connected().transport.send(packet)
+        except (OSError, vici.exception.SessionException) as exc:
+            self._drop_session()
+            raise BackendError(f"charon did not take {request.what} on {self._path}: {exc}", transport=True) from exc
+
+    def _receive(self, what: str) -> dict:
+        try:
+            session = self._session
+            if session is None:
+                raise vici.exception.SessionException("session closed")
+            reply = Packet.parse(session.transport.receive())
+            if reply.response_type != Packet.CMD_RESPONSE:
+                raise vici.exception.SessionException(f"unexpected VICI packet type {reply.response_type}")
+            return Message.deserialize(reply.payload)
+        except (OSError, vici.exception.SessionException, vici.exception.DeserializationException) as exc:
+            self._drop_session()
+            raise BackendError(f"charon did not answer {what} on {self._path}: {exc}", transport=True) from exc
+
+    @staticmethod
+    def _reply_error(reply: dict) -> str | None:
+        if reply.get("success", b"yes") == b"yes":
+            return None
+        return parse.text(reply.get("errmsg", b"")) or "no reason given"
+
+    def _needs_key(self, action: LoadConn) -> bool:
+        key_pem = action.peering.tunnels[0].local_key_pem
+        return bool(key_pem) and hashlib.sha256(key_pem or b"").hexdigest() not in self._loaded_keys
 
     def _ensure_key(self, key_pem: bytes) -> None:
         digest = hashlib.sha256(key_pem).hexdigest()
@@ -220,19 +317,67 @@ class StrongSwanBackend:
         self._drop_session()
 
 
-def _listing(method: str, conn_name: str) -> Callable[[vici.Session], list]:
-    """A streamed listing of one connection, collected (the session's generator is lazy)."""
-    return lambda session: list(getattr(session, method)({"ike": conn_name}))
+@dataclass(frozen=True)
+class _Request:
+    """One VICI request of an action."""
+
+    command: str
+    message: dict
+    what: str  # for errors: the command and whom it is about
+    absent_ok: bool = False  # terminate: "no matching SAs" is what we wanted
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    chain: int
+    position: int
+    request: _Request
+    last: bool  # the action's last request: its reply settles the action
+
+
+def _requests(action: Action) -> list[_Request]:
+    """The requests that carry out an action, in order. initiate and terminate are sent without
+    registering for their log stream: with timeout -1 charon answers at once, and the outcome
+    arrives as an ike-updown event on the event session."""
+    if isinstance(action, LoadSecret):
+        peering = action.peering
+        first = peering.tunnels[0]
+        owners = [ip for ip in (first.local_ip, first.remote_ip) if ip]
+        return [_Request("load-shared", {"id": peering.secret_id, "type": "IKE", "data": peering.psk,
+                                         "owners": owners}, f"load-shared {peering.secret_id}")]
+    if isinstance(action, UnloadSecret):
+        return [_Request("unload-shared", {"id": action.secret_id}, f"unload-shared {action.secret_id}")]
+    if isinstance(action, LoadConn):
+        return [_Request("load-conn", render.render_conn(action.peering), f"load-conn {action.peering.conn_name}")]
+    if isinstance(action, UnloadConn):
+        # charon keeps the SAs of an unloaded connection alive; end them so no SA outlives the
+        # parameters the operator removed.
+        return [_Request("unload-conn", {"name": action.conn_name}, f"unload-conn {action.conn_name}"),
+                _Request("terminate", {"ike": action.conn_name, "timeout": "-1"}, f"terminate {action.conn_name}",
+                         absent_ok=True)]
+    if isinstance(action, TerminateChild):
+        return [_Request("terminate", {"child": action.child, "timeout": "-1"},
+                         f"terminate {action.conn_name}/{action.child}", absent_ok=True)]
+    if isinstance(action, Initiate):
+        return [_Request("initiate", {"ike": action.conn_name, "child": action.child, "timeout": "-1"},
+                         f"initiate {action.conn_name}/{action.child}")]
+    raise TypeError(f"unknown action {action!r}")
 
 
 def _command(method: str, message: dict) -> Callable[[vici.Session], object]:
     return lambda session: getattr(session, method)(message)
 
 
-def _drain(stream) -> None:
-    """VICI's streamed commands do nothing until iterated."""
-    for _ in stream:
-        pass
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True when the other end has closed the session (end of file waiting to be read): one poll,
+    no wait. Replies still to be read are not an end of file."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _peer_process(sock: socket.socket) -> str | None:

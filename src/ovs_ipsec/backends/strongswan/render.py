@@ -16,9 +16,14 @@ from ...planner import Peering
 from ..naming import OWNER_PREFIX, digest, direction
 
 CHILD_NAME = re.compile(r"(?P<tunnel>[A-Za-z0-9_.:@+-]{1,200})-(?:in|out|gre)-[0-9a-f]{6}")
-# Upstream ovs-monitor-ipsec's strongSwan proposals, kept so that mixed clusters interoperate.
-DEFAULT_IKE_PROPOSAL = "aes256gcm16-sha256-modp2048"
-DEFAULT_ESP_PROPOSAL = "aes256gcm16-modp2048"
+# curve25519 first: two hosts of ours agree on it (a fraction of MODP-2048's Diffie-Hellman cost,
+# at least its strength). MODP-2048, upstream ovs-monitor-ipsec's only group, stays in the same
+# proposal so mixed clusters still agree on it, whichever side initiates (ours initiating gets one
+# INVALID_KE_PAYLOAD and retries with it). Changing these renames every connection (the name's
+# digest covers them): the first pass after an upgrade replaces each connection once. Operators
+# who pin upstream's pair with options:ipsec_ike/ipsec_esp keep the old names.
+DEFAULT_IKE_PROPOSAL = "aes256gcm16-sha256-curve25519-modp2048"
+DEFAULT_ESP_PROPOSAL = "aes256gcm16-curve25519-modp2048"
 DEFAULT_ESP_PROPOSAL_NO_PFS = "aes256gcm16"
 DEFAULT_DPD_DELAY = 30
 # ipsec.conf's defaults, which the rekeying options were written against.

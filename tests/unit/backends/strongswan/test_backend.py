@@ -105,3 +105,76 @@ def test_a_restarted_charon_answers_the_next_call_at_once(charon, backend, tmp_p
         assert set(restarted.conns) == {peering.conn_name}
     finally:
         restarted.close()
+
+
+def peerings_of(count: int):
+    rows = [row(f"gnv{i}", "geneve", local_ip="10.0.0.1", remote_ip=f"10.0.1.{i}", psk=f"key{i}")
+            for i in range(1, count + 1)]
+    peerings = group_peerings(validate(desired(*rows), CertificateFacts(), 0).tunnels, StrongSwanBackend.naming)[0]
+    return sorted(peerings.values(), key=lambda p: p.conn_name)
+
+
+def test_chains_are_pipelined_in_order_and_a_refusal_stops_only_its_own_chain(charon, tmp_path):
+    adapter = StrongSwanBackend(f"unix://{charon.path}", timeout=2, pipeline_window=3)
+    peerings = peerings_of(5)
+    reported = []
+    adapter.apply_chains([[LoadSecret(p), LoadConn(p)] for p in peerings],
+                         lambda action, error: reported.append((action, error)))
+    assert all(error is None for _, error in reported) and len(reported) == 10
+    assert set(charon.conns) == set(charon.shared) == {p.conn_name for p in peerings}
+    # a connection's secret goes in before it, whatever else is in flight
+    for p in peerings:
+        assert reported.index((LoadSecret(p), None)) < reported.index((LoadConn(p), None))
+
+    charon.refuse["load-conn"] = "invalid proposal"
+    reported.clear()
+    adapter.apply_chains([[LoadConn(p), Initiate(p.conn_name, p.children[0][0])] for p in peerings[:2]]
+                         + [[UnloadSecret(peerings[4].secret_id)]],
+                         lambda action, error: reported.append((action, error)))
+    refused = [(action, error) for action, error in reported if error is not None]
+    assert [action for action, _ in refused] == [LoadConn(p) for p in peerings[:2]]
+    assert all(isinstance(e, BackendError) and not e.transport and "invalid proposal" in str(e) for _, e in refused)
+    assert "initiate" not in charon.requests  # the chains stopped at their refusal
+    assert (UnloadSecret(peerings[4].secret_id), None) in reported and peerings[4].secret_id not in charon.shared
+    adapter.close()
+
+
+def test_a_silent_charon_mid_pipeline_is_a_transport_error_and_the_next_batch_reconnects(charon, backend):
+    peerings = peerings_of(4)
+    charon.hang.add("load-conn")
+    reported = []
+    with pytest.raises(BackendError) as silent:
+        backend.apply_chains([[LoadSecret(p), LoadConn(p)] for p in peerings],
+                             lambda action, error: reported.append((action, error)))
+    assert silent.value.transport
+    assert all(isinstance(action, LoadSecret) and error is None for action, error in reported)
+    charon.hang.clear()
+    backend.apply_chains([[LoadConn(p)] for p in peerings], lambda action, error: reported.append((action, error)))
+    assert set(charon.conns) == {p.conn_name for p in peerings}
+
+
+def test_unloading_in_a_batch_ends_sas_and_tolerates_none(charon, backend):
+    peerings = peerings_of(2)
+    for p in peerings:
+        backend.apply(LoadConn(p))
+    charon.establish(peerings[0].conn_name, "9", {})
+    reported = []
+    backend.apply_chains([[UnloadConn(p.conn_name)] for p in peerings],
+                         lambda action, error: reported.append((action, error)))
+    assert [error for _, error in reported] == [None, None]
+    assert charon.conns == {} and charon.sas == {}
+
+
+def test_a_scoped_look_at_many_connections_is_pipelined_and_the_session_stays_usable(charon, tmp_path):
+    adapter = StrongSwanBackend(f"unix://{charon.path}", timeout=2, pipeline_window=4)
+    peerings = peerings_of(6)
+    adapter.apply_chains([[LoadConn(p)] for p in peerings], lambda action, error: None)
+    charon.establish(peerings[1].conn_name, "3", {peerings[1].children[0][0]: "INSTALLED"})
+    wanted = [p.conn_name for p in peerings[:4]]
+    observed = adapter.observe(wanted)
+    assert set(observed.conns) == set(wanted)
+    assert set(observed.sas) == {peerings[1].conn_name}
+    assert observed.sas_of(peerings[1].conn_name)[0].installed_children == (peerings[1].children[0][0],)
+    adapter.apply(UnloadConn(peerings[5].conn_name))  # replies are not out of step afterwards
+    assert peerings[5].conn_name not in charon.conns
+    adapter.close()

@@ -74,3 +74,18 @@ def test_the_psk_is_not_part_of_the_connection_or_its_name():
 def test_ownership_is_recognised_by_prefix():
     assert is_ours("ovsipsec-10.0.0.2-0123456789")
     assert not is_ours("myvpn-2")
+
+
+def test_default_proposals_offer_curve25519_first_and_keep_modp2048_and_pinning_upstreams_keeps_old_names():
+    (conn,) = message_for(row("gnv0", "geneve", **PSK)).values()
+    assert conn["proposals"] == ["aes256gcm16-sha256-curve25519-modp2048"]
+    assert {p for child in conn["children"].values() for p in child["esp_proposals"]} == \
+        {"aes256gcm16-curve25519-modp2048"}
+    # A host that pins upstream's proposals renders the names the MODP-2048-only default gave
+    # (tests/unit/golden/strongswan_geneve_psk.json before the change): an upgrade then replaces
+    # no connection and ends no SA.
+    pinned = message_for(row("gnv0", "geneve", ipsec_ike="aes256gcm16-sha256-modp2048",
+                             ipsec_esp="aes256gcm16-modp2048", **PSK))
+    (name, body), = pinned.items()
+    assert name == "ovsipsec-10.0.0.2-c19908a74a"
+    assert set(body["children"]) == {"gnv0-in-1e1f82", "gnv0-out-1e1f82"}
