@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -436,3 +437,21 @@ def est_b_ip(index: int) -> str:
 def remote_ip(index: int, base: str = "10.201") -> str:
     """The index-th (from 1) distinct remote address in base.0.0/16: every tunnel its own peering."""
     return f"{base}.{(index - 1) // 250}.{(index - 1) % 250 + 1}"
+
+
+def trigger(netns: str, addresses: list[str]) -> None:
+    """One UDP packet to each address on Geneve's port: each hits its tunnel's trap policy, and the
+    kernel's ACQUIRE makes charon initiate (the research's trigger2.py), for upstream, which
+    initiates only on traffic. Paced at 1000 packets/s (10 every 10 ms): charon 5.9.8 reads ACQUIREs
+    on an event socket with the default 208 KiB buffer (receive_buffer_size does not reach that
+    socket) and, busy with DH, drains it slowly; 1000 at once lost ~78% of them here, 50 every 10 ms
+    still ~66% (a lost ACQUIRE leaves no larval state, so real traffic would retry; one packet would
+    not)."""
+    code = ("import socket,sys,time\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            "for i,a in enumerate(sys.argv[1:]):\n"
+            "    try: s.sendto(b'x',(a,6081))\n"
+            "    except OSError: pass\n"
+            "    if i%10==9: time.sleep(0.01)\n")
+    subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", code, *addresses], check=True,
+                   timeout=60)

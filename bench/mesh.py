@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (
-    Ovsdb, SpdCounter, charon_children, log, memory_kb, system_jiffies, text, vici_session, wait_quiet,
+    Ovsdb, SpdCounter, charon_children, log, memory_kb, system_jiffies, text, trigger, vici_session, wait_quiet,
 )
 
 from testsupport.procs import wait_for, wait_gone
@@ -137,18 +136,6 @@ class Progress:
     def add(self, now: float, up: int) -> None:
         if not self.points or self.points[-1][1] != up:
             self.points.append((round(now - self.start, 3), up))
-
-
-def trigger(netns: str, addresses: list[str]) -> None:
-    """One UDP packet to each address's Geneve port, 10 every 10 ms (run.py's _trigger, per host)."""
-    code = ("import socket,sys,time\n"
-            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            "for i,a in enumerate(sys.argv[1:]):\n"
-            "    try: s.sendto(b'x',(a,6081))\n"
-            "    except OSError: pass\n"
-            "    if i%10==9: time.sleep(0.01)\n")
-    subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", code, *addresses], check=True,
-                   timeout=60)
 
 
 class Triggers:

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     Meter, Ovsdb, PlutoConns, SpdCounter, charon_children, cpu_ticks, established_sas, ike_sa_counts, log,
-    PROPOSALS, est_b_ip, memory_kb, pluto_conn_tunnel, pluto_tunnels, remote_ip, system_jiffies, vici_session, wait_quiet,
-    watch,
+    PROPOSALS, est_b_ip, memory_kb, pluto_conn_tunnel, pluto_tunnels, remote_ip, system_jiffies, trigger, vici_session,
+    wait_quiet, watch,
 )
 
 from testsupport.pluto import LIBRESWAN_ROOT  # noqa: E402
@@ -532,7 +532,7 @@ def establish_cell(impl: str, n: int, args, proposals: str = "modern") -> dict:
                     loaded_at = now
                     if impl == "upstream":  # auto=route: only traffic starts IKE
                         triggered_at = time.time()
-                        _trigger(a.name, n)
+                        trigger(a.name, [est_b_ip(i) for i in range(1, n + 1)])
                 total, half_open = ike_sa_counts(session)
                 if total - half_open >= n:
                     reached = time.time()
@@ -588,24 +588,6 @@ def _every(seconds: float, predicate):
         last[0] = time.time()
         return predicate()
     return throttled
-
-
-def _trigger(netns: str, n: int) -> None:
-    """One UDP packet to each B address on Geneve's port: each hits its tunnel's trap policy, and
-    the kernel's ACQUIRE makes charon initiate (the research's trigger2.py). Paced at 1000 packets/s
-    (10 every 10 ms): charon 5.9.8 reads ACQUIREs on an event socket with the default 208 KiB buffer
-    (receive_buffer_size does not reach that socket) and, busy with DH, drains it slowly; 1000 at once
-    lost ~78% of them here, 50 every 10 ms still ~66% (a lost ACQUIRE leaves no larval state, so
-    real traffic would retry; one packet would not)."""
-    addresses = [est_b_ip(i) for i in range(1, n + 1)]
-    code = ("import socket,sys,time\n"
-            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            "for i,a in enumerate(sys.argv[1:]):\n"
-            "    try: s.sendto(b'x',(a,6081))\n"
-            "    except OSError: pass\n"
-            "    if i%10==9: time.sleep(0.01)\n")
-    subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", code, *addresses], check=True,
-                   timeout=60)
 
 
 # -- the run -----------------------------------------------------------------------------------
