@@ -180,9 +180,8 @@ class Reconciler:
             if name in initiated or name in self._queue.not_before:
                 continue
             installed = {child for sa in self.observation.state.sas_of(name) for child in sa.installed_children}
-            if {child for child, _ in self.desired.peerings[name].children} - installed - children:
-                continue  # something else is missing: not a matter of waiting
-            if {child for child, _ in self.desired.peerings[name].children} - installed:
+            missing = {child for child, _ in self.desired.peerings[name].children} - installed
+            if missing and missing <= children:  # otherwise something else is missing: not a matter of waiting
                 self._queue.failed(name, now)
 
     def _note_progress(self, conn_names: set[str]) -> None:

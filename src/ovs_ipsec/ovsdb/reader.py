@@ -16,13 +16,15 @@ import ovs.poller
 
 from ..errors import OvsIpsecError
 from ..model import USERSPACE_DATAPATH, ChangeLog, DesiredState, GlobalConfig, InterfaceRow
+from .writer import SINCE_KEY, STATE_KEY
 
 INTERFACE_COLUMNS = ["name", "type", "options", "ofport", "cfm_fault"]
 # Replicated for the status writer (ovsdb/writer.py), which must see what it would change. Changes
 # to it alone are not changes to the desired state: they neither count nor mark a row dirty.
 WRITE_BACK_COLUMNS = frozenset({"external_ids"})
-# Written back for every tunnel with a handful of distinct values (the state, the second it began).
-SHARED_STATUS_VALUES = frozenset({"ipsec_state", "ipsec_since"})
+# Status keys written back for every tunnel with a handful of distinct values (the state, the
+# second it began): their values are worth sharing too.
+SHARED_VALUE_KEYS = frozenset({STATE_KEY, SINCE_KEY})
 OPEN_VSWITCH_COLUMNS = ["other_config"]
 # Which bridge holds each Interface, and that bridge's datapath: a tunnel on the userspace datapath
 # is beyond kernel IPsec (model.USERSPACE_DATAPATH).
@@ -118,7 +120,7 @@ def _share_repeated_strings(row) -> None:
             continue
         for key, value in datum.values.items():
             key.value = sys.intern(key.value)
-            if column == "external_ids" and value is not None and key.value in SHARED_STATUS_VALUES:
+            if column == "external_ids" and value is not None and key.value in SHARED_VALUE_KEYS:
                 value.value = sys.intern(value.value)
 
 

@@ -214,17 +214,20 @@ class StrongSwanBackend:
                     done(action, exc)
                     continue
                 for n, request in enumerate(requests):
-                    self._send(request)
+                    self._send(request, idle=not in_flight)
                     in_flight.append(_InFlight(chain, position, request, last=n == len(requests) - 1))
         except BaseException:
             if in_flight:
                 self._drop_session()  # unread replies would answer the next requests
             raise
 
-    def _send(self, request: _Request) -> None:
+    def _send(self, request: _Request, idle: bool) -> None:
+        """`idle`: no reply is awaited, so a session its charon closed may be replaced first; with
+        replies awaited the kept session is used as it is (a poll per request would be wasted)."""
         try:
             packet = Packet.request(request.command, Message.serialize(request.message))
-            self._connected().transport.send(packet)
+            session = self._session if self._session is not None and not idle else self._connected()
+            session.transport.send(packet)
         except (OSError, vici.exception.SessionException) as exc:
             self._drop_session()
             raise BackendError(f"charon did not take {request.what} on {self._path}: {exc}", transport=True) from exc
