@@ -47,10 +47,7 @@ def test_libreswan_rsa_certificates_work_too(lsw_hosts, tmp_path):
 
 def test_libreswan_rotated_certificate_replaces_the_old_one_in_nss(lsw_hosts, tmp_path):
     a, b = lsw_hosts
-    pki(tmp_path, "init")
-    for name in ("hostA", "hostB"):
-        pki(tmp_path, "req", name)
-        pki(tmp_path, "sign", name, "switch")
+    make_ca_signed(tmp_path)
     use_certificate(a, tmp_path, "hostA", ca=True)
     use_certificate(b, tmp_path, "hostB", ca=True)
     add_tunnel(a, b, "tun", "geneve", remote_name="hostB")

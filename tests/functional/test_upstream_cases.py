@@ -24,6 +24,7 @@ from testsupport.procs import wait_for
 from testsupport.tunnels import (
     add_tunnel,
     charon_conns,
+    make_ca_signed,
     pki,
     send_tunnel_packet,
     use_certificate,
@@ -82,10 +83,7 @@ def test_tunnels_without_local_ip_use_the_default_route(sandbox, swan, tmp_path,
     a.add_default_route(address(b, family))
     b.add_default_route(address(a, family))
     if auth == "ca":
-        pki(tmp_path, "init")
-        for name in ("hostA", "hostB"):
-            pki(tmp_path, "req", name)
-            pki(tmp_path, "sign", name, "switch")
+        make_ca_signed(tmp_path)
         use_certificate(a, tmp_path, "hostA", ca=True)
         use_certificate(b, tmp_path, "hostB", ca=True)
     for host, peer, peer_name in ((a, b, "hostB"), (b, a, "hostA")):
