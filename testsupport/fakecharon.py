@@ -3,7 +3,8 @@
 It speaks the real wire protocol with vici's own encoder (vici.protocol), on a real unix socket,
 so the adapter's connect, timeouts, streamed listings and error paths are what runs. It keeps
 connections, shared keys and SAs in memory; `refuse[command] = "message"` makes a command fail as
-charon would, `hang.add(command)` makes it never answer.
+charon would, `hang.add(command)` makes it never answer that command nor anything after it on the
+same session (charon answers a session's requests in order).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class FakeCharon:
     def _serve(self, client: socket.socket) -> None:
         transport = Transport(client)
         events: set[str] = set()
+        stuck = False
         try:
             while True:
                 packet = transport.receive()
@@ -81,7 +83,8 @@ class FakeCharon:
                     transport.send(struct.pack("!B", Packet.EVENT_CONFIRM))
                     continue
                 self.requests.append(name)
-                if name in self.hang:
+                stuck = stuck or name in self.hang
+                if stuck:
                     continue
                 message = Message.deserialize(FiniteStream(body)) if body else {}
                 for event, payload in self._stream(name, message):

@@ -172,13 +172,17 @@ class StrongSwanBackend:
         reply is matched to its request by position, and an action sent after another is carried
         out after it. Loading one request at a time left charon idle while we waited for its answer
         and then built the next request (half of a bulk load's time). Within a chain, an action is
-        sent only once the previous one succeeded (a connection never goes in without its secret);
-        chains are independent, and one failing leaves the others going. Every reply must come
-        within the session's timeout of the previous one (the socket's timeout, on every read).
+        sent only once the previous one succeeded, except after a secret: its connection follows it
+        at once. A connection whose secret was refused fails closed (charon cannot authenticate it,
+        and its trap policies hold the traffic), the refusal is reported and the secret retried, and
+        a new tunnel reaches charon a round trip sooner. Chains are independent, and one failing
+        leaves the others going. Every reply must come within the session's timeout of the previous
+        one (the socket's timeout, on every read).
         """
         ready: deque[tuple[int, int]] = deque((i, 0) for i, chain in enumerate(chains) if chain)
         in_flight: deque[_InFlight] = deque()
         refusals: dict[tuple[int, int], BackendError] = {}
+        stopped: set[int] = set()  # chains with a refusal
 
         def settle_oldest() -> None:
             entry = in_flight.popleft()
@@ -188,8 +192,12 @@ class StrongSwanBackend:
                 refusals.setdefault(key, BackendError(f"charon refused {entry.request.what}: {error}"))
             if entry.last:
                 refusal = refusals.pop(key, None)
-                done(chains[entry.chain][entry.position], refusal)
-                if refusal is None and entry.position + 1 < len(chains[entry.chain]):
+                action = chains[entry.chain][entry.position]
+                done(action, refusal)
+                if refusal is not None:
+                    stopped.add(entry.chain)  # what follows a sent connection still goes no further
+                elif entry.chain not in stopped and not isinstance(action, LoadSecret) \
+                        and entry.position + 1 < len(chains[entry.chain]):
                     ready.append((entry.chain, entry.position + 1))
 
         try:
@@ -216,6 +224,8 @@ class StrongSwanBackend:
                 for n, request in enumerate(requests):
                     self._send(request, idle=not in_flight)
                     in_flight.append(_InFlight(chain, position, request, last=n == len(requests) - 1))
+                if isinstance(action, LoadSecret) and position + 1 < len(chains[chain]):
+                    ready.appendleft((chain, position + 1))  # its connection next, without waiting
         except BaseException:
             if in_flight:
                 self._drop_session()  # unread replies would answer the next requests

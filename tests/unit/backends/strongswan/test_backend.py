@@ -139,6 +139,20 @@ def test_chains_are_pipelined_in_order_and_a_refusal_stops_only_its_own_chain(ch
     adapter.close()
 
 
+def test_a_connection_follows_its_secret_at_once_and_a_refused_secret_fails_only_itself(charon, backend):
+    peerings = peerings_of(2)
+    charon.refuse["load-shared"] = "no such key type"
+    reported = []
+    backend.apply_chains([[LoadSecret(p), LoadConn(p), Initiate(p.conn_name, p.children[0][0])] for p in peerings],
+                         lambda action, error: reported.append((action, error)))
+    # each connection went in right behind its secret, before charon answered for the secret
+    assert charon.requests[:4] == ["load-shared", "load-conn", "load-shared", "load-conn"]
+    assert set(charon.conns) == {p.conn_name for p in peerings} and charon.shared == {}
+    refused = [action for action, error in reported if error is not None]
+    assert refused == [LoadSecret(p) for p in peerings]
+    assert "initiate" not in charon.requests  # nothing is initiated without its secret
+
+
 def test_a_silent_charon_mid_pipeline_is_a_transport_error_and_the_next_batch_reconnects(charon, backend):
     peerings = peerings_of(4)
     charon.hang.add("load-conn")
