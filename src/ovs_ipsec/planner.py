@@ -170,10 +170,16 @@ def group_peerings(tunnels: Collection[Tunnel], naming: Naming) -> tuple[dict[st
 
 
 def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory, now: float,
-         scope: Collection[str] | None = None, wanted_secrets: AbstractSet[str] | None = None) -> tuple[Action, ...]:
+         scope: Collection[str] | None = None, wanted_secrets: AbstractSet[str] | None = None,
+         make_before_break: bool = False) -> tuple[Action, ...]:
     """Actions for the connections in scope (None: all): removals, then loads, then initiations
     (every connection and secret of the batch is in place before the first IKE packet leaves, and
     a backend that must reload its secrets does so once per batch, not once per tunnel).
+
+    `make_before_break`: loads before removals, for an IKE daemon that keeps a kernel policy while
+    any of its connections uses it. A connection replaced by another (new parameters, new default
+    proposals after an upgrade) then never leaves its traffic without a trap policy: removed
+    first, the tunnel had none until its replacement was in, and sent plaintext meanwhile.
 
     `wanted_secrets`: the secret ids of every desired peering, when the caller keeps them (a scoped
     plan then costs what its scope holds, not what the desired state holds)."""
@@ -202,6 +208,8 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
             continue
         for action in _converge(desired[name], observed, memory):
             (initiations if isinstance(action, Initiate) else additions).append(action)
+    if make_before_break:
+        return tuple(additions + removals + initiations)
     return tuple(removals + additions + initiations)
 
 

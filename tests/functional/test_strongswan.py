@@ -14,6 +14,7 @@ import socket
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ovs_ipsec
@@ -59,13 +60,64 @@ def test_upgrading_from_modp2048_only_defaults_replaces_each_connection_once(two
         host.stop_monitor(cleanup=False)
         host.vsctl("remove", "interface", "tun", "options", "ipsec_ike", "ipsec_esp")
     assert ike_sa_ids(a) == old_sas  # nothing moved while the monitors were down
-    for host in (a, b):
-        host.start_monitor()
-    wait_for(lambda: len(ids := ike_sa_ids(a)) == 1 and old not in ids, 30,
-             what="the old IKE SA gone and the new connection's up, alone")
+    with PolicyEvents(a) as events:
+        for host in (a, b):
+            host.start_monitor()
+        wait_for(lambda: len(ids := ike_sa_ids(a)) == 1 and old not in ids, 30,
+                 what="the old IKE SA gone and the new connection's up, alone")
     (new,) = ike_sa_ids(a)
     assert a.wait_ike_up("tun")["conn"] == new and _dh_groups(a, new) == {b"CURVE_25519"}
     assert old not in charon_conns(a) and old not in charon_secrets(a)
+    # make before break: the replacement was loaded first, so its trap policies never went away
+    assert events.deleted() == []
+
+
+def test_a_parameter_change_never_leaves_the_tunnel_without_its_trap_policies(two_hosts):
+    """A new IKE proposal is a new connection. It is loaded before the old one is removed, and charon
+    counts the users of identical policies: the kernel sees the trap policies updated, never deleted
+    (removed first, the tunnel had no policy until its replacement was in: plaintext could leave).
+    Not yet so for a change to the children alone (ESP proposal, ports): charon replaces them within
+    the connection, old traps out before the new ones are in."""
+    a, b = two_hosts
+    add_tunnel(a, b, "tun", "geneve", psk="swordfish")
+    wait_for(lambda: len(charon_conns(a)) == 1, 15, what="the connection loaded")
+    (old,) = charon_conns(a)
+    wait_for(lambda: len(PolicyEvents.spd(a)) >= 2, 15, what="its trap policies installed")
+    with PolicyEvents(a) as events:
+        a.vsctl("set", "interface", "tun", "options:ipsec_ike=aes128gcm16-sha256-curve25519")
+        wait_for(lambda: (conns := charon_conns(a)) and old not in conns, 15, what="the connection replaced")
+    assert events.deleted() == []
+    assert len(PolicyEvents.spd(a)) >= 2
+
+
+class PolicyEvents:
+    """`ip xfrm monitor policy` in the host's namespace while the block runs: the kernel's own word
+    on every policy added, updated or deleted."""
+
+    def __init__(self, host) -> None:
+        self._host = host
+        self._lines: list[str] = []
+
+    def __enter__(self) -> PolicyEvents:
+        self._proc = subprocess.Popen(["ip", "-n", self._host.name, "xfrm", "monitor", "policy"],
+                                      stdout=subprocess.PIPE, text=True)
+        time.sleep(0.2)  # subscribed before anything changes
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        time.sleep(0.2)
+        self._proc.terminate()
+        self._lines = self._proc.communicate(timeout=10)[0].splitlines()
+
+    def deleted(self) -> list[str]:
+        return [line for line in self._lines if line.startswith("Deleted")]
+
+    @staticmethod
+    def spd(host) -> list[str]:
+        """The OUT policies now (the trap policies of the tunnel's children)."""
+        out = subprocess.run(["ip", "-n", host.name, "xfrm", "policy", "list", "dir", "out"], capture_output=True,
+                             text=True, check=True).stdout
+        return [line for line in out.splitlines() if line.startswith("src ")]
 
 
 def _dh_groups(host, conn: str) -> set[bytes]:

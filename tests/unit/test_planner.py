@@ -118,6 +118,20 @@ def test_stale_objects_of_ours_are_removed_the_secret_first():
                                              UnloadConn("ovsipsec-10.0.0.7-0123456789"))
 
 
+def test_a_replaced_connection_goes_after_its_replacement_is_in_when_the_daemon_allows_it():
+    old = only(A)
+    new = only(row("a", "geneve", local_ip="10.0.0.1", remote_ip="10.0.0.2", psk="swordfish",
+                   ipsec_ike="aes128gcm16-sha256-curve25519"))
+    assert new.conn_name != old.conn_name
+    state, memory = converged(old)
+    replacement = [LoadSecret(new), LoadConn(new)]
+    removal = [UnloadSecret(old.secret_id), UnloadConn(old.conn_name)]
+    initiation = [Initiate(new.conn_name, new.children[0][0])]
+    assert plan({new.conn_name: new}, state, memory, 0) == tuple(removal + replacement + initiation)
+    assert plan({new.conn_name: new}, state, memory, 0, make_before_break=True) == tuple(
+        replacement + removal + initiation)
+
+
 def test_scope_limits_work_to_the_named_connections():
     both, _ = peerings(A, B)
     b_conn = only(B).conn_name

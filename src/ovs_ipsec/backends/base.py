@@ -17,6 +17,9 @@ class Backend(Protocol):
     name: str
 
     naming: Naming  # pure: how connections, secrets and children are named
+    # The daemon keeps a kernel policy while any of its connections uses it, so a replacement
+    # connection is loaded before the one it replaces is removed (planner.plan).
+    make_before_break: bool
 
     def observe(self, conn_names: Collection[str] | None = None) -> ObservedState:
         """Our secrets, and our connections and their SAs, limited to `conn_names` (None: all of ours)."""
@@ -48,7 +51,8 @@ class PipelinedBackend(Backend, Protocol):
 
     def apply_chains(self, chains: Sequence[Sequence[Action]], done: ActionDone) -> None:
         """Carry out each chain's actions in order, an action only once the one before it in its
-        chain succeeded; chains are independent of one another and may overlap. done(action, error)
+        chain succeeded (a connection may follow its secret at once: a refused secret still stops
+        what comes after the connection); chains are independent of one another and may overlap. done(action, error)
         for every action carried out or failed (error: BackendError, or anything a bug raised);
         actions after a failure in their chain are not attempted and not reported. Raises
         BackendError (transport) when the daemon stopped answering: what was not reported by

@@ -117,7 +117,8 @@ class Reconciler:
         memory = Memory(self.observation.secret_digests, self._queue.not_before, frozenset(self._takeover),
                         protected, tried)
         actions = plan(self.desired.peerings, observed, memory, now, scope=dirty,
-                       wanted_secrets=self.desired.secret_ids.keys())
+                       wanted_secrets=self.desired.secret_ids.keys(),
+                       make_before_break=self._backend.make_before_break)
         self._rearm_tried(tried, actions, now)
         if self._apply(actions, now) and (work.full or any(isinstance(a, UnloadConn) for a in actions)):
             self._backend.cleanup_credentials(self.desired.peerings.values())
@@ -256,9 +257,11 @@ class Reconciler:
     def _carry_out(self, actions: tuple[Action, ...], done: ActionDone, failed: set[str]) -> None:
         """Hand the actions to the backend; raises BackendError when the daemon stopped answering.
 
-        A backend that can pipeline gets each phase of the plan (removals, loads, initiations) as
-        chains, one per connection, so thousands of loads overlap; the next phase starts once the
-        previous one is answered (every secret and connection is in before the first initiation).
+        A backend that can pipeline gets each phase of the plan (removals and loads, in the order
+        the plan put them, then initiations) as chains, one per connection, so thousands of loads
+        overlap; the next phase starts once the previous one is answered (every secret and
+        connection is in before the first initiation, and a replacement before what it replaces
+        goes).
         Otherwise one action after the other, a connection's later steps skipped once one failed."""
         apply_chains = getattr(self._backend, "apply_chains", None)
         if apply_chains is not None:

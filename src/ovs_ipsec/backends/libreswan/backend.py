@@ -78,6 +78,9 @@ class Dialect:
 
 class LibreSwanBackend:
     name = "libreswan"
+    # Removals first: what pluto does with two routed connections for one policy, and with that
+    # policy once the old one goes, is not proven here.
+    make_before_break = False
 
     def __init__(self, paths: Paths, timeout: float = 30.0, default_crypto: bool = False,
                  dialect: Dialect | None = None, unixctl: str | None = None, run: Runner = run) -> None:

@@ -62,6 +62,9 @@ class StrongSwanBackend:
         self._stop = threading.Event()
         self._event_socket: socket.socket | None = None
 
+    # charon counts the users of identical kernel policies: loading a connection's replacement
+    # first means the trap policy is updated, never deleted (tests/functional/test_strongswan.py).
+    make_before_break = True
     naming = Naming(conn_name=render.conn_name, secret_id=render.secret_id, child_names=render.child_names,
                     child_owner=render.child_owner)
 
