@@ -33,7 +33,7 @@ import os
 import re
 import select
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ...errors import BackendError
 from ...text import shown
@@ -228,6 +228,17 @@ def pluto_logfile(pid: int | None, config: str) -> str | None:
     return match["path"] if match and _PLAIN_PATH.fullmatch(match["path"]) else None
 
 
+def peerings_named(log_lines: Iterable[bytes]) -> set[str]:
+    """The peerings of ours that pluto's state lines name; any other line names none."""
+    peerings = set()
+    for line in log_lines:
+        match = _STATE_LOG_LINE.search(line.decode(errors="replace"))
+        parts = split_name(match["name"]) if match else None
+        if parts:
+            peerings.add(parts[0])
+    return peerings
+
+
 def follow_log(path: str, watch: DirectoryWatch, on_names: Callable[[set[str]], None]) -> None:
     """Read what pluto appends to its log, from the end as it is now; call on_names(peerings)
     with the peerings its new state lines name. Rotation and truncation start over at 0."""
@@ -259,11 +270,7 @@ def follow_log(path: str, watch: DirectoryWatch, on_names: Callable[[set[str]], 
                 position += len(data)
                 lines = (tail + data).split(b"\n")
                 tail = lines.pop()[-4096:]  # a line still being written
-                for line in lines:
-                    match = _STATE_LOG_LINE.search(line.decode(errors="replace"))
-                    parts = split_name(match["name"]) if match else None
-                    if parts:
-                        peerings.add(parts[0])
+                peerings |= peerings_named(lines)
             if peerings:
                 on_names(peerings)
     except OSError as exc:
