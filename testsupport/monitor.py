@@ -67,9 +67,11 @@ class Monitor:
     def tunnel(self, name: str) -> dict | None:
         return next((t for t in self.status()["tunnels"] if t["name"] == name), None)
 
-    def wait_state(self, name: str, state: str, timeout: float = 30) -> dict:
-        return wait_for(lambda: _if(self.tunnel(name), lambda t: t["state"] == state), timeout,
-                        what=f"tunnel {name} on {self.name} to be {state} (now {self.tunnel(name)})")
+    def wait_state(self, name: str, state: str | tuple[str, ...], timeout: float = 30) -> dict:
+        """`state`, or any of several (a tunnel may pass one on its way: "loaded" or later)."""
+        states = (state,) if isinstance(state, str) else state
+        return wait_for(lambda: _if(self.tunnel(name), lambda t: t["state"] in states), timeout,
+                        what=f"tunnel {name} on {self.name} to be {' or '.join(states)} (now {self.tunnel(name)})")
 
     def wait_ike_up(self, name: str, timeout: float = 30) -> dict:
         """The tunnel's IKE SA is up. On a host whose kernel has no ESP (this build machine), that is

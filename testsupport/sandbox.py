@@ -164,7 +164,7 @@ class Host:
     def tunnel(self, name: str) -> dict | None:
         return self.monitor.tunnel(name)
 
-    def wait_state(self, name: str, state: str, timeout: float = 30) -> dict:
+    def wait_state(self, name: str, state: str | tuple[str, ...], timeout: float = 30) -> dict:
         return self.monitor.wait_state(name, state, timeout)
 
     def wait_ike_up(self, name: str, timeout: float = 30) -> dict:
