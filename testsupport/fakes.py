@@ -26,7 +26,7 @@ from ovs_ipsec.planner import (
 
 class FakeBackend:
     name = "fake"
-    make_before_break = False
+    make_before_break = True  # as strongSwan, whose naming it uses
     naming = Naming(conn_name=render.conn_name, secret_id=render.secret_id, child_names=render.child_names,
                     child_owner=render.child_owner)
 

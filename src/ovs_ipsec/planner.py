@@ -17,7 +17,7 @@ import hashlib
 import socket
 from collections.abc import Callable, Collection, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .model import AuthMethod, Invalid, ObservedState, Tunnel
 
@@ -107,6 +107,9 @@ class Memory:
     # does not make them worth asking for again at once (one that failed with it would fail again;
     # on a kernel without ESP every one does, and each retry is a Diffie-Hellman on both ends).
     tried: Mapping[str, AbstractSet[str]] = field(default_factory=dict)
+    # conn name -> the peering last loaded for it, while the daemon is the same: a replacement
+    # of some of its children can then be made before the old ones break (see _converge).
+    loaded: Mapping[str, Peering] = field(default_factory=dict)
 
 
 def protected_conns(observed: ObservedState, tunnels: AbstractSet[str], naming: Naming,
@@ -206,20 +209,28 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
     for name in sorted(names):
         if memory.not_before.get(name, 0.0) > now:
             continue
-        for action in _converge(desired[name], observed, memory):
+        for action in _converge(desired[name], observed, memory, make_before_break):
             (initiations if isinstance(action, Initiate) else additions).append(action)
     if make_before_break:
         return tuple(additions + removals + initiations)
     return tuple(removals + additions + initiations)
 
 
-def _converge(peering: Peering, observed: ObservedState, memory: Memory) -> list[Action]:
+def _converge(peering: Peering, observed: ObservedState, memory: Memory, make_before_break: bool) -> list[Action]:
     actions: list[Action] = []
     if peering.secret_id and (peering.secret_id not in observed.shared_secrets
                               or memory.secret_digests.get(peering.secret_id) != secret_digest(peering.psk)):
         actions.append(LoadSecret(peering))
     wanted_children = {child for child, _ in peering.children}
-    if observed.conns.get(peering.conn_name) != frozenset(wanted_children):
+    loaded_children = observed.conns.get(peering.conn_name)
+    if loaded_children != frozenset(wanted_children):
+        previous = memory.loaded.get(peering.conn_name)
+        if make_before_break and loaded_children and loaded_children - wanted_children and previous is not None \
+                and loaded_children == {child for child, _ in previous.children}:
+            # A daemon that replaces a connection's children in place takes the old ones' traps out
+            # before it puts the new ones in. So first the old and the new children together (no
+            # child goes: identical policies just gain a user), then the new ones alone.
+            actions.append(LoadConn(with_children_of(peering, previous)))
         actions.append(LoadConn(peering))
     sas = observed.sas_of(peering.conn_name)
     installed = {child for sa in sas for child in sa.installed_children}
@@ -227,6 +238,14 @@ def _converge(peering: Peering, observed: ObservedState, memory: Memory) -> list
     if peering.initiator or peering.conn_name in memory.takeover:
         actions += _initiations(peering, sas, installed, memory.tried.get(peering.conn_name, frozenset()))
     return actions
+
+
+def with_children_of(peering: Peering, previous: Peering) -> Peering:
+    """`peering` that also holds `previous`'s children (child names carry a digest of what they
+    render, so a child of the same name is the same child)."""
+    names = {child for child, _ in peering.children}
+    return replace(peering, tunnels=peering.tunnels + previous.tunnels,
+                   children=peering.children + tuple(entry for entry in previous.children if entry[0] not in names))
 
 
 def _initiations(peering: Peering, sas, installed: set[str], tried: AbstractSet[str]) -> list[Initiate]:

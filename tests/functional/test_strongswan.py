@@ -76,8 +76,9 @@ def test_a_parameter_change_never_leaves_the_tunnel_without_its_trap_policies(tw
     """A new IKE proposal is a new connection. It is loaded before the old one is removed, and charon
     counts the users of identical policies: the kernel sees the trap policies updated, never deleted
     (removed first, the tunnel had no policy until its replacement was in: plaintext could leave).
-    Not yet so for a change to the children alone (ESP proposal, ports): charon replaces them within
-    the connection, old traps out before the new ones are in."""
+    A change to the children alone (ESP proposal, ports) keeps the connection: charon would replace
+    its children old traps first, so the old and new children are loaded together first, then the
+    new ones alone."""
     a, b = two_hosts
     add_tunnel(a, b, "tun", "geneve", psk="swordfish")
     wait_for(lambda: len(charon_conns(a)) == 1, 15, what="the connection loaded")
@@ -88,6 +89,19 @@ def test_a_parameter_change_never_leaves_the_tunnel_without_its_trap_policies(tw
         wait_for(lambda: (conns := charon_conns(a)) and old not in conns, 15, what="the connection replaced")
     assert events.deleted() == []
     assert len(PolicyEvents.spd(a)) >= 2
+    (conn,) = charon_conns(a)
+    before = _children(a, conn)
+    with PolicyEvents(a) as events:  # new ESP proposals: the same connection, new children
+        a.vsctl("set", "interface", "tun", "options:ipsec_esp=aes128gcm16-curve25519")
+        wait_for(lambda: (now := _children(a, conn)) and not now & before, 15, what="the children replaced")
+    assert charon_conns(a) == {conn}
+    assert events.deleted() == []
+    assert len(PolicyEvents.spd(a)) >= 2
+
+
+def _children(host, conn: str) -> set[str]:
+    return {child.decode() if isinstance(child, bytes) else child for event in host.vici().list_conns({"ike": conn})
+            for child in event[conn]["children"]}
 
 
 class PolicyEvents:

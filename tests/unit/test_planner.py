@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from testsupport.builders import desired, row
 from ovs_ipsec.backends.strongswan.backend import StrongSwanBackend
 from ovs_ipsec.model import ObservedSA, ObservedState
 from ovs_ipsec.planner import (
     Initiate, LoadConn, LoadSecret, Memory, TerminateChild, UnloadConn, UnloadSecret, group_peerings, is_initiator,
-    plan, secret_digest,
+    plan, secret_digest, with_children_of,
 )
 from ovs_ipsec.validate import CertificateFacts, validate
 
@@ -130,6 +132,29 @@ def test_a_replaced_connection_goes_after_its_replacement_is_in_when_the_daemon_
     assert plan({new.conn_name: new}, state, memory, 0) == tuple(removal + replacement + initiation)
     assert plan({new.conn_name: new}, state, memory, 0, make_before_break=True) == tuple(
         replacement + removal + initiation)
+
+
+def test_new_children_of_a_loaded_connection_go_in_beside_the_old_ones_before_those_go():
+    old = only(A)
+    new = only(row("a", "geneve", local_ip="10.0.0.1", remote_ip="10.0.0.2", psk="swordfish",
+                   ipsec_esp="aes128gcm16-curve25519"))
+    assert new.conn_name == old.conn_name and set(new.children).isdisjoint(old.children)
+    state, memory = converged(old, installed=())
+    desired_now = {new.conn_name: new}
+
+    def loads(memory, make_before_break=True, state=state):
+        return [a for a in plan(desired_now, state, memory, 0, make_before_break=make_before_break)
+                if isinstance(a, LoadConn)]
+
+    assert loads(memory) == [LoadConn(new)]  # not known as what we loaded: no guess
+    known = replace(memory, loaded={old.conn_name: old})
+    both, alone = loads(known)
+    assert both == LoadConn(with_children_of(new, old)) and alone == LoadConn(new)
+    assert {child for child, _ in both.peering.children} == {child for child, _ in old.children + new.children}
+    assert loads(known, make_before_break=False) == [LoadConn(new)]
+    # what charon holds is not what we last loaded (a load failed meanwhile): no guess either
+    other = observed({old.conn_name: frozenset({"a-out-000000"})}, [old.secret_id])
+    assert loads(known, state=other) == [LoadConn(new)]
 
 
 def test_scope_limits_work_to_the_named_connections():

@@ -19,7 +19,18 @@ from ..errors import BackendError
 from ..guard.enforcer import PlaintextGuard
 from ..model import DesiredState
 from ..pki.inspect import CertificateInspector
-from ..planner import Action, Initiate, LoadConn, LoadSecret, Memory, UnloadConn, UnloadSecret, plan, protected_conns
+from ..planner import (
+    Action,
+    Initiate,
+    LoadConn,
+    LoadSecret,
+    Memory,
+    Peering,
+    UnloadConn,
+    UnloadSecret,
+    plan,
+    protected_conns,
+)
 from ..status.events import EventLog, events_between
 from ..status.snapshot import Placement, StatusSnapshot, build_snapshot, certificate_statuses
 from ..text import printable
@@ -55,6 +66,7 @@ class Reconciler:
         self._takeover: set[str] = set()  # responder conns initiating until an SA is up
         # conn name -> (children initiated, until when they count as tried): see Memory.tried
         self._tried: dict[str, tuple[set[str], float]] = {}
+        self._loaded: dict[str, Peering] = {}  # conn name -> what we last loaded (see Memory.loaded)
         self._daemon_error: str | None = None
         self._pass_error: str | None = None  # why the last pass failed unexpectedly
         self._last_full_resync: float | None = None
@@ -109,13 +121,14 @@ class Reconciler:
             self._queue.resynced()
             self._last_full_resync = now
             dirty = set(self.desired.peerings) | set(observed.conns) | set(observed.shared_secrets)
+            self._loaded = {name: peering for name, peering in self._loaded.items() if name in observed.conns}
             self._status_scope = None
         self._note_progress(dirty)
         protected = protected_conns(observed, self.desired.unprotected_invalid(), self._backend.naming,
                                     scope=None if work.full else dirty)
         tried = self._children_tried(dirty, now)
         memory = Memory(self.observation.secret_digests, self._queue.not_before, frozenset(self._takeover),
-                        protected, tried)
+                        protected, tried, self._loaded)
         actions = plan(self.desired.peerings, observed, memory, now, scope=dirty,
                        wanted_secrets=self.desired.secret_ids.keys(),
                        make_before_break=self._backend.make_before_break)
@@ -157,6 +170,7 @@ class Reconciler:
         for name in self.desired.peerings:
             self._queue.reset(name)
             self._errors.pop(name, None)
+        self._loaded.clear()
         log.info("the IKE daemon restarted; %d responder connection(s) initiate in %g s unless their peer "
                  "does first", len(responders), TAKEOVER_DELAY)
         self._queue.schedule_takeovers(responders, now + TAKEOVER_DELAY)
@@ -294,8 +308,10 @@ class Reconciler:
         if isinstance(action, LoadSecret):
             log.debug("%s: loaded the pre-shared key", self._describe(action.peering.conn_name))
         elif isinstance(action, LoadConn):
+            self._loaded[action.peering.conn_name] = action.peering
             log.debug("%s: loaded connection %s", self._describe(action.peering.conn_name), action.peering.conn_name)
         elif isinstance(action, UnloadConn):
+            self._loaded.pop(action.conn_name, None)
             log.info("removed connection %s", action.conn_name)
         elif isinstance(action, Initiate):
             # Until the IKE daemon reports progress, do not initiate again before the backoff delay.
