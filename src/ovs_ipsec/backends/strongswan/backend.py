@@ -176,11 +176,12 @@ class StrongSwanBackend:
         out after it. Loading one request at a time left charon idle while we waited for its answer
         and then built the next request (half of a bulk load's time). Within a chain, an action is
         sent only once the previous one succeeded, except after a secret: its connection follows it
-        at once. A connection whose secret was refused fails closed (charon cannot authenticate it,
-        and its trap policies hold the traffic), the refusal is reported and the secret retried, and
-        a new tunnel reaches charon a round trip sooner. Chains are independent, and one failing
-        leaves the others going. Every reply must come within the session's timeout of the previous
-        one (the socket's timeout, on every read).
+        at once, which puts a new tunnel in charon, or takes a deleted one out, a round trip sooner.
+        A connection whose secret was refused fails closed (charon cannot authenticate it, and its
+        trap policies hold the traffic), the refusal is reported and the secret retried; one that
+        is removed is wanted gone whatever became of its secret. Chains are independent, and one
+        failing leaves the others going. Every reply must come within the session's timeout of the
+        previous one (the socket's timeout, on every read).
         """
         ready: deque[tuple[int, int]] = deque((i, 0) for i, chain in enumerate(chains) if chain)
         in_flight: deque[_InFlight] = deque()
@@ -199,7 +200,7 @@ class StrongSwanBackend:
                 done(action, refusal)
                 if refusal is not None:
                     stopped.add(entry.chain)  # what follows a sent connection still goes no further
-                elif entry.chain not in stopped and not isinstance(action, LoadSecret) \
+                elif entry.chain not in stopped and not isinstance(action, (LoadSecret, UnloadSecret)) \
                         and entry.position + 1 < len(chains[entry.chain]):
                     ready.append((entry.chain, entry.position + 1))
 
@@ -227,7 +228,7 @@ class StrongSwanBackend:
                 for n, request in enumerate(requests):
                     self._send(request, idle=not in_flight)
                     in_flight.append(_InFlight(chain, position, request, last=n == len(requests) - 1))
-                if isinstance(action, LoadSecret) and position + 1 < len(chains[chain]):
+                if isinstance(action, (LoadSecret, UnloadSecret)) and position + 1 < len(chains[chain]):
                     ready.appendleft((chain, position + 1))  # its connection next, without waiting
         except BaseException:
             if in_flight:

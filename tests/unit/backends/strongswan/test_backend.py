@@ -153,6 +153,20 @@ def test_a_connection_follows_its_secret_at_once_and_a_refused_secret_fails_only
     assert "initiate" not in charon.requests  # nothing is initiated without its secret
 
 
+@pytest.mark.parametrize("secret_request, conn_request", [("load-shared", "load-conn"),
+                                                            ("unload-shared", "unload-conn")])
+def test_a_connection_is_sent_before_charon_answers_for_its_secret(charon, backend, secret_request, conn_request):
+    (p,) = peerings_of(1)
+    backend.apply(LoadConn(p))
+    loads = [LoadSecret(p), LoadConn(p)]
+    removals = [UnloadSecret(p.secret_id), UnloadConn(p.conn_name)]
+    charon.hang.add(secret_request)  # the secret is never answered ...
+    with pytest.raises(BackendError):
+        backend.apply_chains([loads if secret_request == "load-shared" else removals], lambda action, error: None)
+    sent = charon.requests[charon.requests.index(secret_request):]
+    assert sent[1] == conn_request  # ... and its connection went right behind it
+
+
 def test_a_silent_charon_mid_pipeline_is_a_transport_error_and_the_next_batch_reconnects(charon, backend):
     peerings = peerings_of(4)
     charon.hang.add("load-conn")
