@@ -179,10 +179,11 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
     (every connection and secret of the batch is in place before the first IKE packet leaves, and
     a backend that must reload its secrets does so once per batch, not once per tunnel).
 
-    `make_before_break`: loads before removals, for an IKE daemon that keeps a kernel policy while
-    any of its connections uses it. A connection replaced by another (new parameters, new default
+    `make_before_break`: removals last, for an IKE daemon that keeps a kernel policy while any of
+    its connections uses it. A connection replaced by another (new parameters, new default
     proposals after an upgrade) then never leaves its traffic without a trap policy: removed
-    first, the tunnel had none until its replacement was in, and sent plaintext meanwhile.
+    first, the tunnel had none until its replacement was in, and sent plaintext meanwhile. The
+    replacement is initiated before the old connection goes, so its SAs can take over the traffic.
 
     `wanted_secrets`: the secret ids of every desired peering, when the caller keeps them (a scoped
     plan then costs what its scope holds, not what the desired state holds)."""
@@ -212,7 +213,7 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
         for action in _converge(desired[name], observed, memory, make_before_break):
             (initiations if isinstance(action, Initiate) else additions).append(action)
     if make_before_break:
-        return tuple(additions + removals + initiations)
+        return tuple(additions + initiations + removals)
     return tuple(removals + additions + initiations)
 
 

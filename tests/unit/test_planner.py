@@ -120,7 +120,7 @@ def test_stale_objects_of_ours_are_removed_the_secret_first():
                                              UnloadConn("ovsipsec-10.0.0.7-0123456789"))
 
 
-def test_a_replaced_connection_goes_after_its_replacement_is_in_when_the_daemon_allows_it():
+def test_a_replaced_connection_goes_after_its_replacement_is_in_and_initiated_when_the_daemon_allows_it():
     old = only(A)
     new = only(row("a", "geneve", local_ip="10.0.0.1", remote_ip="10.0.0.2", psk="swordfish",
                    ipsec_ike="aes128gcm16-sha256-curve25519"))
@@ -131,7 +131,7 @@ def test_a_replaced_connection_goes_after_its_replacement_is_in_when_the_daemon_
     initiation = [Initiate(new.conn_name, new.children[0][0])]
     assert plan({new.conn_name: new}, state, memory, 0) == tuple(removal + replacement + initiation)
     assert plan({new.conn_name: new}, state, memory, 0, make_before_break=True) == tuple(
-        replacement + removal + initiation)
+        replacement + initiation + removal)
 
 
 def test_new_children_of_a_loaded_connection_go_in_beside_the_old_ones_before_those_go():

@@ -271,8 +271,8 @@ class Reconciler:
     def _carry_out(self, actions: tuple[Action, ...], done: ActionDone, failed: set[str]) -> None:
         """Hand the actions to the backend; raises BackendError when the daemon stopped answering.
 
-        A backend that can pipeline gets each phase of the plan (removals and loads, in the order
-        the plan put them, then initiations) as chains, one per connection, so thousands of loads
+        A backend that can pipeline gets each phase of the plan (removals, loads and initiations,
+        in the order the plan put them) as chains, one per connection, so thousands of loads
         overlap; the next phase starts once the previous one is answered (every secret and
         connection is in before the first initiation, and a replacement before what it replaces
         goes).

@@ -151,29 +151,31 @@ class DirectoryWatch:
             readable, _, _ = select.select([self._fd, self._stop_read], [], [])
             if self._stop_read in readable:
                 return False
-            changed = False
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                continue
-            offset = 0
-            while offset + _EVENT.size <= len(data):
-                _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-                offset += _EVENT.size + length
-                if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED) or self._watching != self._directory:
-                    self._arm()  # gone, or a parent created something: watch what exists now
-                changed = True
-            if changed:
+            if self._consume():
                 return True
 
     def settle(self, seconds: float) -> None:
         """Let a burst of changes (a starting pluto writes its socket, then its pid) finish."""
         select.select([self._stop_read], [], [], seconds)
-        try:
-            while os.read(self._fd, 65536):
-                pass
-        except BlockingIOError:
+        while self._consume():
             pass
+
+    def _consume(self) -> bool:
+        """Read the pending events (true if any), re-arming on what exists now when the watched
+        directory went or a parent changed. Events are never dropped unread: `makedirs` of the run
+        directory creates it a level at a time, and a parent's event drained without re-arming
+        left the watch on a level above it for good."""
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return False
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size + length
+            if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED) or self._watching != self._directory:
+                self._arm()  # gone, or a parent created something: watch what exists now
+        return bool(data)
 
     def close(self) -> None:
         try:

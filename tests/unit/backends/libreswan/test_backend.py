@@ -329,6 +329,24 @@ def test_a_run_directory_that_appears_later_is_watched_too(fake, tmp_path):
         lsw.close()
 
 
+def test_a_run_directory_made_a_level_at_a_time_is_still_watched(fake, tmp_path):
+    """The watch sits on tmp_path; `run` appears, the watch moves to it and lets the burst settle;
+    `run/pluto` appears during that settling. That event must move the watch on, not be drained."""
+    paths = Paths.from_flags(str(tmp_path))
+    lsw = LibreSwanBackend(paths, run=fake)
+    seen = threading.Event()
+    lsw.start_events(lambda names: seen.set())
+    try:
+        os.mkdir(tmp_path / "run")
+        threading.Event().wait(0.1)  # the watch has moved to run/ and is settling (0.2 s)
+        os.mkdir(tmp_path / "run" / "pluto")
+        threading.Event().wait(0.4)
+        open(paths.ctl, "w").close()
+        assert seen.wait(5)
+    finally:
+        lsw.close()
+
+
 def test_a_private_key_reaches_nss_only_through_a_private_short_lived_file(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
