@@ -52,6 +52,24 @@ class ObservationCache:
         self.state = ObservedState(self._conns, self._secrets, self._sas)
         return restarted
 
+    def look_at_sas(self, scope: Collection[str] | None) -> bool:
+        """Refresh the IKE SAs of the connections in scope (None: of all), where the backend can
+        list them alone (what an SA event changes: connections and secrets are kept by record() and
+        checked by the full look); otherwise `look(scope)`, whose result it returns."""
+        observe_sas = getattr(self._backend, "observe_sas", None)
+        if observe_sas is None:
+            return self.look(scope)
+        if scope is None:
+            self._sas = dict(observe_sas(None))
+        else:
+            scope = set(scope)
+            fresh = observe_sas(scope)
+            for name in scope:
+                self._sas.pop(name, None)
+            self._sas.update(fresh)
+        self.state = ObservedState(self._conns, self._secrets, self._sas)
+        return False
+
     def record(self, action: Action) -> None:
         """The effect of an action that just succeeded."""
         if isinstance(action, LoadSecret):

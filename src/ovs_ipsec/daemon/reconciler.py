@@ -29,8 +29,8 @@ from .workqueue import Work, WorkQueue
 
 log = logging.getLogger("ovs_ipsec.reconciler")
 
-# Observing a few connections one by one is cheaper than listing all of them; past this many,
-# one full listing wins.
+# Observing a few connections' SAs one by one is cheaper than listing all of them; past this many,
+# one listing of every SA wins (charon walks all its IKE SAs for each scoped list-sas).
 SCOPED_OBSERVE_LIMIT = 64
 # After our IKE daemon restarted, a responder waits this long for its peer's initiator before it
 # initiates itself: if both daemons restarted, the initiator's SA is up by then and the responder
@@ -53,8 +53,10 @@ class Reconciler:
         self._errors: dict[str, str] = {}  # conn name -> why its last action failed
         self._progress: dict[str, tuple[bool, int]] = {}
         self._takeover: set[str] = set()  # responder conns initiating until an SA is up
-        # conn name -> (children initiated, until when they count as tried): see Memory.tried
-        self._tried: dict[str, tuple[set[str], float]] = {}
+        # conn name -> (children initiated, their retry delay, until when they count as tried): see
+        # Memory.tried. Until None: asked for with an IKE SA that is not up yet; charon tries them
+        # when it comes up, so their delay starts then (see _note_progress).
+        self._tried: dict[str, tuple[set[str], float, float | None]] = {}
         self._daemon_error: str | None = None
         self._pass_error: str | None = None  # why the last pass failed unexpectedly
         self._last_full_resync: float | None = None
@@ -94,10 +96,16 @@ class Reconciler:
         # dirty only because its desired form changed is planned on the cache, which our own
         # actions and the daemon's events keep current (and the periodic full pass checks): asking
         # first would cost a one-tunnel change two more VICI requests. After the daemon did not
-        # answer, nothing cached is trusted.
-        scope = None if work.full or self._daemon_error or len(work.keys) > SCOPED_OBSERVE_LIMIT else work.keys
+        # answer, nothing cached is trusted. Otherwise the SAs are what can have changed: the IKE
+        # daemon's events are about SAs, and a retry or takeover is about its connection's SA.
         try:
-            restarted = self.observation.look(scope) if scope is None or scope else False
+            if work.full or self._daemon_error:
+                restarted = self.observation.look(None)
+            elif work.keys:
+                restarted = self.observation.look_at_sas(
+                    None if len(work.keys) > SCOPED_OBSERVE_LIMIT else work.keys)
+            else:
+                restarted = False
             self._daemon_error = None
         except BackendError as exc:
             self._daemon_unreachable(exc, now)
@@ -110,7 +118,7 @@ class Reconciler:
             self._last_full_resync = now
             dirty = set(self.desired.peerings) | set(observed.conns) | set(observed.shared_secrets)
             self._status_scope = None
-        self._note_progress(dirty)
+        self._note_progress(dirty, now)
         protected = protected_conns(observed, self.desired.unprotected_invalid(), self._backend.naming,
                                     scope=None if work.full else dirty)
         tried = self._children_tried(dirty, now)
@@ -164,8 +172,8 @@ class Reconciler:
         """The connections' children tried within their retry delay (those past it are forgotten)."""
         tried = {}
         for name in conn_names:
-            children, until = self._tried.get(name, (set(), 0.0))
-            if until > now and name in self.desired.peerings:
+            children, _, until = self._tried.get(name, (set(), 0.0, 0.0))
+            if (until is None or until > now) and name in self.desired.peerings:
                 tried[name] = children
             else:
                 self._tried.pop(name, None)
@@ -184,13 +192,20 @@ class Reconciler:
             if missing and missing <= children:  # otherwise something else is missing: not a matter of waiting
                 self._queue.failed(name, now)
 
-    def _note_progress(self, conn_names: set[str]) -> None:
+    def _note_progress(self, conn_names: set[str], now: float) -> None:
         """An SA that came up since the last look cancels the connection's initiation backoff,
-        and the error of a failed initiation: the SA it asked for is there after all."""
+        and the error of a failed initiation: the SA it asked for is there after all; the retry
+        delay of the children asked for with it starts now."""
         observed, peerings = self.observation.state, self.desired.peerings
         for name in conn_names:
             up = [sa for sa in observed.sas_of(name) if sa.established]
             progress = (bool(up), max((sa.child_sas_installed for sa in up), default=0))
+            children, delay, until = self._tried.get(name, (set(), 0.0, 0.0))
+            if up and until is None:
+                # The children asked for with this IKE SA were tried as it came up, not when we
+                # asked: a burst of thousands takes seconds, and a delay counted from the request
+                # had often run out by then, so the failed child was asked for again at once.
+                self._tried[name] = (children, delay, now + delay)
             if progress > self._progress.get(name, (False, 0)):
                 self._queue.reset(name)
                 self._errors.pop(name, None)
@@ -297,8 +312,9 @@ class Reconciler:
         elif isinstance(action, Initiate):
             # Until the IKE daemon reports progress, do not initiate again before the backoff delay.
             delay = self._queue.failed(action.conn_name, now)
-            children, _ = self._tried.get(action.conn_name, (set(), 0.0))
-            self._tried[action.conn_name] = (children | {action.child}, now + delay)
+            children, _, _ = self._tried.get(action.conn_name, (set(), 0.0, 0.0))
+            up = any(sa.established for sa in self.observation.state.sas_of(action.conn_name))
+            self._tried[action.conn_name] = (children | {action.child}, delay, now + delay if up else None)
             log.debug("%s: initiating %s", self._describe(action.conn_name), action.child)
         elif not isinstance(action, UnloadSecret):
             log.info("%s: ended child SA %s", self._describe(action.conn_name), action.child)

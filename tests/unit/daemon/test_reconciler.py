@@ -14,7 +14,7 @@ from testsupport.fakes import FakeBackend
 from ovs_ipsec.daemon.reconciler import TAKEOVER_DELAY, Reconciler
 from ovs_ipsec.daemon.worker import run_due_work
 from ovs_ipsec.daemon.workqueue import WorkQueue
-from ovs_ipsec.model import ChangeLog, TunnelState
+from ovs_ipsec.model import ChangeLog, ObservedSA, TunnelState
 from ovs_ipsec.pki.inspect import CertificateInspector
 from ovs_ipsec.planner import Initiate, LoadConn, LoadSecret, UnloadConn
 from ovs_ipsec.status.events import EventLog, events_between
@@ -292,6 +292,37 @@ def test_a_desired_change_alone_asks_the_daemon_nothing_an_event_asks_about_its_
     assert loop.status("b").state is TunnelState.ESTABLISHED
 
 
+class SaListingBackend(FakeBackend):
+    """A daemon whose SAs can be listed alone (as charon's list-sas)."""
+
+    def observe_sas(self, conn_names=None):
+        self.observed.append(("sas", None if conn_names is None else tuple(sorted(conn_names))))
+        if self.unreachable:
+            raise BackendError("charon did not answer list-sas", transport=True)
+        return {n: s for n, s in self.sas.items() if conn_names is None or n in conn_names}
+
+
+def test_events_look_at_the_sas_alone_and_a_burst_of_them_at_every_sa_once():
+    """An establishment burst: the events of 100 connections cost one listing of the SAs, not a
+    full look (every connection and secret too) nor 100 scoped ones; a few events, their SAs."""
+    backend = SaListingBackend()
+    loop = Loop(backend)
+    rows = [row(f"t{i}", "geneve", **dict(PSK, remote_ip=f"10.0.1.{i}")) for i in range(1, 101)]
+    loop.configure(*rows)
+    assert backend.observed == [None]
+    conns = [loop.conn(f"t{i}") for i in range(1, 101)]
+    for conn in conns:
+        backend.establish(conn)
+    loop.tick(dirty=conns)
+    assert backend.observed == [None, ("sas", None)]
+    assert all(loop.status(f"t{i}").state is TunnelState.ESTABLISHED for i in range(1, 101))
+    backend.sas.pop(conns[0])  # one goes down
+    loop.tick(dirty=[conns[0]])
+    assert backend.observed[2:] == [("sas", (conns[0],))]
+    assert loop.status("t1").state is not TunnelState.ESTABLISHED
+    assert loop.status("t2").state is TunnelState.ESTABLISHED
+
+
 def test_after_the_daemon_did_not_answer_a_desired_change_looks_at_everything():
     backend = FakeBackend()
     loop = Loop(backend)
@@ -387,3 +418,25 @@ def test_a_child_that_failed_with_its_ike_sa_is_retried_after_its_delay_not_when
     loop.tick(1.5)
     assert loop.backend.applied[count:] == [Initiate(conn, first), Initiate(conn, second)]
 
+
+
+def test_a_child_asked_for_with_a_slow_ike_sa_waits_its_delay_from_when_the_sa_came_up():
+    """In an establishment burst an IKE SA can take longer than the first child's retry delay to
+    come up. That child was tried as the SA came up (in IKE_AUTH), so it is not asked for again at
+    once with the others: its delay starts with the SA (on a kernel without ESP each such retry
+    was a key exchange on both ends, racing the IKE SAs still to come)."""
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", **PSK))
+    conn = loop.conn("gnv")
+    first, second = (child for child, _ in loop.reconciler.desired.peerings[conn].children)
+    assert loop.backend.applied[-1] == Initiate(conn, first)
+    loop.backend.sas[conn] = (ObservedSA(conn, "1", "CONNECTING", None, ()),)
+    loop.tick(2.5)  # the initiation's backoff ran out while the IKE SA is still being negotiated
+    count = len(loop.backend.applied)
+    loop.backend.establish(conn, children=False)
+    loop.tick(0.5, dirty=[conn])
+    assert loop.backend.applied[count:] == [Initiate(conn, second)]
+    loop.tick(1.0)
+    assert len(loop.backend.applied) == count + 1  # within the first child's delay from the SA
+    loop.tick(1.5)
+    assert loop.backend.applied[count + 1:] == [Initiate(conn, first), Initiate(conn, second)]

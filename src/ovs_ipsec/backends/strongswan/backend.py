@@ -18,7 +18,7 @@ import vici.exception
 from vici.protocol import Message, Packet
 
 from ...errors import BackendError
-from ...model import ObservedState, Tunnel
+from ...model import ObservedSA, ObservedState, Tunnel
 from ...planner import (
     Action,
     Initiate,
@@ -113,7 +113,17 @@ class StrongSwanBackend:
         conns, sas = self._scoped_listing(list(conn_names))
         return ObservedState(conns=conns, shared_secrets=frozenset(), sas=sas)
 
-    def _scoped_listing(self, names: list[str]) -> tuple[dict, dict]:
+    def observe_sas(self, conn_names: Collection[str] | None = None) -> dict[str, tuple[ObservedSA, ...]]:
+        """The IKE SAs of the connections (None: of all ours), nothing else: what an SA event can
+        have changed. Connections and secrets change only through our own actions or behind our
+        back, which the periodic full look finds; listing them again for every event during an
+        establishment burst cost both monitors and both charons more than the listing of the SAs."""
+        if conn_names is None:
+            return self._call("list-sas", lambda s: parse.ike_sas(s.list_sas()))
+        return self._scoped_listing(list(conn_names), ("list-sas",))[1]
+
+    def _scoped_listing(self, names: list[str], commands: tuple[str, ...] = ("list-conns", "list-sas")) \
+            -> tuple[dict, dict]:
         """list-conns and list-sas of each connection, pipelined like apply_chains: both event
         streams registered once, every request sent without waiting for the one before (charon
         streams a request's entries, then answers it, in order). One at a time, each listing cost
@@ -122,8 +132,8 @@ class StrongSwanBackend:
         conn_events: list = []
         sa_events: list = []
         what = f"list-conns/list-sas of {len(names)} connection(s)"
-        requests = [(command, {"ike": name}) for name in names for command in ("list-conns", "list-sas")]
-        streams = ("list-conn", "list-sa")
+        requests = [(command, {"ike": name}) for name in names for command in commands]
+        streams = tuple(command[:-1] for command in commands)  # list-conns streams list-conn events
         try:
             transport = self._connected().transport
             for stream in streams:

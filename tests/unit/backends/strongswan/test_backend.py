@@ -178,3 +178,25 @@ def test_a_scoped_look_at_many_connections_is_pipelined_and_the_session_stays_us
     adapter.apply(UnloadConn(peerings[5].conn_name))  # replies are not out of step afterwards
     assert peerings[5].conn_name not in charon.conns
     adapter.close()
+
+
+def test_a_look_at_sas_lists_the_sas_alone_scoped_or_all(charon, tmp_path):
+    """What an SA event needs: neither list-conns nor get-shared (the full look's), which cost both
+    charons and both monitors most of an establishment burst's listings (bench/README.md)."""
+    adapter = StrongSwanBackend(f"unix://{charon.path}", timeout=2, pipeline_window=4)
+    peerings = peerings_of(6)
+    adapter.apply_chains([[LoadConn(p)] for p in peerings], lambda action, error: None)
+    charon.establish(peerings[1].conn_name, "3", {peerings[1].children[0][0]: "INSTALLED"})
+    charon.establish(peerings[4].conn_name, "4", {})
+    charon.requests.clear()
+    scoped = adapter.observe_sas([p.conn_name for p in peerings[:4]])
+    assert set(scoped) == {peerings[1].conn_name}
+    assert scoped[peerings[1].conn_name][0].installed_children == (peerings[1].children[0][0],)
+    assert set(charon.requests) == {"list-sas"} and len(charon.requests) == 4  # one per connection
+    charon.requests.clear()
+    everything = adapter.observe_sas(None)
+    assert set(everything) == {peerings[1].conn_name, peerings[4].conn_name}
+    assert charon.requests == ["list-sas"]
+    adapter.apply(UnloadConn(peerings[5].conn_name))  # replies are not out of step afterwards
+    assert peerings[5].conn_name not in charon.conns
+    adapter.close()
