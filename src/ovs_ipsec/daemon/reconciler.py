@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
-from ..backends.base import ActionDone, Backend
+from ..backends.base import ActionDone, Backend, SaEvent
 from ..errors import BackendError
 from ..guard.enforcer import PlaintextGuard
 from ..model import DesiredState
@@ -57,11 +57,15 @@ class Reconciler:
         # Memory.tried. Until None: asked for with an IKE SA that is not up yet; charon tries them
         # when it comes up, so their delay starts then (see _note_progress).
         self._tried: dict[str, tuple[set[str], float, float | None]] = {}
+        self._held: set[str] = set()  # conns whose children's retry was held once (_children_tried)
         self._daemon_error: str | None = None
         self._pass_error: str | None = None  # why the last pass failed unexpectedly
         self._last_full_resync: float | None = None
         self._pass_started = time.monotonic()
         self._status_memo: dict = {}  # for build_snapshot: reuse unchanged tunnels' statuses
+        # Connections whose SA changes since the last pass the daemon's events described in full
+        # (note_sa_events): the next pass need not ask about them.
+        self._described: set[str] = set()
         # Tunnels whose status may differ from the last snapshot's (None: any of them): the next
         # snapshot looks at these only, so a one-tunnel change costs one status.
         self._status_scope: set[str] | None = set()
@@ -98,12 +102,14 @@ class Reconciler:
         # first would cost a one-tunnel change two more VICI requests. After the daemon did not
         # answer, nothing cached is trusted. Otherwise the SAs are what can have changed: the IKE
         # daemon's events are about SAs, and a retry or takeover is about its connection's SA.
+        # Connections whose events described the change in full are not asked about at all.
+        look = work.keys - self._described
+        self._described = set()
         try:
             if work.full or self._daemon_error:
                 restarted = self.observation.look(None)
-            elif work.keys:
-                restarted = self.observation.look_at_sas(
-                    None if len(work.keys) > SCOPED_OBSERVE_LIMIT else work.keys)
+            elif look:
+                restarted = self.observation.look_at_sas(None if len(look) > SCOPED_OBSERVE_LIMIT else look)
             else:
                 restarted = False
             self._daemon_error = None
@@ -132,6 +138,12 @@ class Reconciler:
         self._touch(tunnel.name for conn in dirty if (peering := self.desired.peerings.get(conn))
                     for tunnel in peering.tunnels)
         self._publish(now)
+
+    def note_sa_events(self, events: Sequence[SaEvent]) -> None:
+        """The daemon's events that describe their SA change in full: into the observation now."""
+        if events:
+            self.observation.apply_events(events)
+            self._described.update(event.conn_name for event in events)
 
     def pass_failed(self, exc: BaseException, delay: float, now: float) -> None:
         """A pass raised something no step expected: its work was requeued with `delay`."""
@@ -169,15 +181,38 @@ class Reconciler:
         self._queue.schedule_takeovers(responders, now + TAKEOVER_DELAY)
 
     def _children_tried(self, conn_names: set[str], now: float) -> dict[str, set[str]]:
-        """The connections' children tried within their retry delay (those past it are forgotten)."""
+        """The connections' children tried within their retry delay (those past it are forgotten).
+
+        A retry that falls due while IKE SAs of ours are still being negotiated is held once, for
+        the connection's next backoff delay: it would compete with them for the IKE daemons on both ends (a key
+        exchange each), and the child failed already. Held once only, so a peer that never
+        answers (its IKE SA connecting for minutes) cannot hold the others' retries for long."""
         tried = {}
+        connecting: bool | None = None  # asked once per pass, only when a retry falls due
         for name in conn_names:
-            children, _, until = self._tried.get(name, (set(), 0.0, 0.0))
-            if (until is None or until > now) and name in self.desired.peerings:
+            if name not in self._tried:
+                continue
+            children, delay, until = self._tried[name]
+            if name not in self.desired.peerings:
+                pass
+            elif until is None or until > now:
                 tried[name] = children
-            else:
-                self._tried.pop(name, None)
+                continue
+            elif name not in self._held:
+                if connecting is None:
+                    connecting = self._ike_sas_connecting()
+                if connecting:  # (the connection's next backoff step: it is looked at again then)
+                    self._held.add(name)
+                    self._tried[name] = (children, delay, now + self._queue.failed(name, now))
+                    tried[name] = children
+                    continue
+            self._tried.pop(name, None)
+            self._held.discard(name)
         return tried
+
+    def _ike_sas_connecting(self) -> bool:
+        """Whether an IKE SA of ours is being negotiated (one look at every connection's SAs)."""
+        return any(sa.state in ("CREATED", "CONNECTING") for sas in self.observation.state.sas.values() for sa in sas)
 
     def _rearm_tried(self, tried: dict[str, set[str]], actions: tuple[Action, ...], now: float) -> None:
         """A connection whose missing children were all tried, and that got no initiation now, is
@@ -313,6 +348,7 @@ class Reconciler:
             # Until the IKE daemon reports progress, do not initiate again before the backoff delay.
             delay = self._queue.failed(action.conn_name, now)
             children, _, _ = self._tried.get(action.conn_name, (set(), 0.0, 0.0))
+            self._held.discard(action.conn_name)
             up = any(sa.established for sa in self.observation.state.sas_of(action.conn_name))
             self._tried[action.conn_name] = (children | {action.child}, delay, now + delay if up else None)
             log.debug("%s: initiating %s", self._describe(action.conn_name), action.child)

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from testsupport.builders import desired, row
 from testsupport.fakes import FakeBackend
+from ovs_ipsec.backends.base import SaEvent
 from ovs_ipsec.daemon.reconciler import TAKEOVER_DELAY, Reconciler
 from ovs_ipsec.daemon.worker import run_due_work
 from ovs_ipsec.daemon.workqueue import WorkQueue
+from ovs_ipsec.errors import BackendError
 from ovs_ipsec.model import ChangeLog, ObservedSA, TunnelState
 from ovs_ipsec.pki.inspect import CertificateInspector
 from ovs_ipsec.planner import Initiate, LoadConn, LoadSecret, UnloadConn
@@ -440,3 +442,52 @@ def test_a_child_asked_for_with_a_slow_ike_sa_waits_its_delay_from_when_the_sa_c
     assert len(loop.backend.applied) == count + 1  # within the first child's delay from the SA
     loop.tick(1.5)
     assert loop.backend.applied[count + 1:] == [Initiate(conn, first), Initiate(conn, second)]
+
+
+def test_events_that_describe_the_change_in_full_ask_the_daemon_nothing():
+    """An establishment burst: every IKE SA that comes up is an event on both monitors. The event
+    says it all (an SA up, a child installed, an SA gone), so no listing follows it; the planner
+    acts on it (the second child is asked for) and the status shows it."""
+    backend = SaListingBackend()
+    loop = Loop(backend)
+    loop.configure(row("gnv", "geneve", **PSK))
+    conn = loop.conn("gnv")
+    first, second = (child for child, _ in loop.reconciler.desired.peerings[conn].children)
+    looked = len(backend.observed)
+    established = ObservedSA(conn, "7", "ESTABLISHED", 0, ())
+    loop.reconciler.note_sa_events([SaEvent(conn, "7", up=established)])
+    loop.tick(dirty=[conn])
+    assert backend.applied[-1] == Initiate(conn, second)
+    assert loop.status("gnv").state is TunnelState.NEGOTIATING
+    loop.reconciler.note_sa_events([SaEvent(conn, "7", up=established, installed_child=first),
+                                    SaEvent(conn, "7", up=established, installed_child=second)])
+    loop.tick(dirty=[conn])
+    assert loop.status("gnv").state is TunnelState.ESTABLISHED
+    loop.reconciler.note_sa_events([SaEvent(conn, "7")])  # the IKE SA is gone
+    loop.tick(dirty=[conn])
+    assert loop.status("gnv").state is not TunnelState.ESTABLISHED
+    assert len(backend.observed) == looked
+    loop.tick(dirty=[conn])  # an event that described nothing (a child down, a rekey): a look
+    assert backend.observed[looked:] == [("sas", (conn,))]
+
+
+def test_a_child_retry_waits_once_while_other_ike_sas_are_being_negotiated():
+    """A failed child's retry that falls due while another IKE SA of ours is still being
+    negotiated waits once more, its next backoff step (it would compete with that negotiation for both IKE
+    daemons); once only, so a peer that never answers cannot hold it for long."""
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", **PSK), row("slow", "geneve", **dict(PSK, remote_ip="10.0.0.3")))
+    conn, slow = loop.conn("gnv"), loop.conn("slow")
+    first, second = (child for child, _ in loop.reconciler.desired.peerings[conn].children)
+    loop.backend.sas[slow] = (ObservedSA(slow, "2", "CONNECTING", None, ()),)  # stays so
+    loop.backend.establish(conn, children=False)
+    loop.tick(0.5, dirty=[conn, slow])
+    assert loop.backend.applied[-1] == Initiate(conn, second)
+    count = len(loop.backend.applied)
+    loop.tick(2.5)  # the retry falls due: held, the other IKE SA is still connecting
+    assert [a for a in loop.backend.applied[count:] if a.conn_name == conn] == []
+    loop.tick(3.5)
+    assert [a for a in loop.backend.applied[count:] if a.conn_name == conn] == []
+    loop.tick(0.5)  # held once only: for the next backoff step (4 s)
+    assert [a for a in loop.backend.applied[count:] if a.conn_name == conn] == \
+        [Initiate(conn, first), Initiate(conn, second)]

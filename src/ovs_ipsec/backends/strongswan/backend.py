@@ -30,7 +30,7 @@ from ...planner import (
     UnloadConn,
     UnloadSecret,
 )
-from ..base import ActionDone
+from ..base import ActionDone, OnChange
 from ..naming import is_ours
 from . import parse, render
 
@@ -287,11 +287,11 @@ class StrongSwanBackend:
 
     # -- events ------------------------------------------------------------------------------
 
-    def start_events(self, on_change: Callable[[frozenset[str] | None], None]) -> None:
+    def start_events(self, on_change: OnChange) -> None:
         thread = threading.Thread(target=self._listen, args=(on_change,), name="vici-events", daemon=True)
         thread.start()
 
-    def _listen(self, on_change: Callable[[frozenset[str] | None], None]) -> None:
+    def _listen(self, on_change: OnChange) -> None:
         """Forward SA events; a lost socket means charon restarted: ask for a full resync."""
         delay = 0.5
         while not self._stop.is_set():
@@ -314,7 +314,9 @@ class StrongSwanBackend:
                         if not names:
                             continue  # someone else's SA: none of our business
                         log.debug("VICI event %s about %s", parse.text(label), ", ".join(sorted(names)))
-                        on_change(names)
+                        # What the event says in full spares the worker a look at charon (one
+                        # list-sas per event, each a walk over every IKE SA, during a burst).
+                        on_change(names, parse.event_sas(parse.text(label), message))
             except (OSError, vici.exception.SessionException) as exc:
                 log.debug("VICI event socket %s: %s", self._path, exc)
             self._stop.wait(delay)
