@@ -578,6 +578,7 @@ def establish_cell(impl: str, n: int, args, proposals: str = "modern") -> dict:
                 detail["machine_busy_pct"] = round(100 * (system1[0] - system0[0]) / max(1, system1[1] - system0[1]), 1)
             log_path = (da.up.dir if isinstance(da, Upstreams) else a.workdir) / "charon.log"
             text = log_path.read_text(errors="replace") if log_path.exists() else ""
+            detail["udp_rcvbuf_errors"] = {"a": _udp_rcvbuf_errors(a.name), "b": _udp_rcvbuf_errors(b.name)}
             detail["a_charon_log"] = {"acquires": text.count("creating acquire job"),
                                       "vici_initiates": text.count("vici initiate"),
                                       "child_sa_attempts": text.count("establishing CHILD_SA"),
@@ -592,6 +593,18 @@ def establish_cell(impl: str, n: int, args, proposals: str = "modern") -> dict:
                     driver.stop()
                 except Exception as exc:
                     log(f"  stopping {driver.impl} on {driver.host.name}: {exc!r}")
+
+
+def _udp_rcvbuf_errors(netns: str) -> int | None:
+    """UDP datagrams the namespace's kernel dropped for a full socket buffer (IKE packets lost to
+    a burst: charon retransmits them after 4 s)."""
+    try:
+        text = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/net/snmp"], capture_output=True,
+                              text=True, timeout=10).stdout
+        header, values = [line.split() for line in text.splitlines() if line.startswith("Udp:")][:2]
+        return int(values[header.index("RcvbufErrors")])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
 
 
 def _passes(*drivers: Driver) -> dict | None:
