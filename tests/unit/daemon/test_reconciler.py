@@ -387,15 +387,15 @@ class PipeliningBackend(FakeBackend):
                 done(action, None)
 
 
-def test_a_pipelining_backend_gets_phases_of_per_connection_chains_and_a_failure_stops_its_own_only():
+def test_a_pipelining_backend_gets_one_chain_per_connection_its_loads_then_its_initiation():
     backend = PipeliningBackend()
     loop = Loop(backend)
     bad = "10.0.0.3"
     backend.refuse = lambda action: isinstance(action, LoadConn) and action.peering.tunnels[0].remote_ip == bad
     loop.configure(row("gnv1", "geneve", **PSK), row("gnv2", "geneve", **dict(PSK, remote_ip=bad)))
-    loads, initiations = backend.batches
-    assert loads == [["LoadSecret", "LoadConn"]] * 2  # every load in before the first initiation
-    assert initiations == [["Initiate"]]  # the refused connection is not initiated
+    (batch,) = backend.batches
+    # a connection is initiated once its own loads are in, not once every connection's are
+    assert batch == [["LoadSecret", "LoadConn", "Initiate"]] * 2
     assert [a.conn_name for a in backend.applied if isinstance(a, Initiate)] == [loop.conn("gnv1")]
     assert loop.status("gnv2").state is TunnelState.ERROR and "charon refused" in loop.status("gnv2").reason
     assert loop.status("gnv1").state is not TunnelState.ERROR

@@ -200,3 +200,18 @@ def test_a_look_at_sas_lists_the_sas_alone_scoped_or_all(charon, tmp_path):
     adapter.apply(UnloadConn(peerings[5].conn_name))  # replies are not out of step afterwards
     assert peerings[5].conn_name not in charon.conns
     adapter.close()
+
+
+def test_a_chain_under_way_goes_on_before_new_chains_start(charon):
+    """Each connection's secret, connection and initiation, in that order, and the first
+    connection initiated long before the last one is loaded: the burst's first IKE SAs start while
+    the others load, and the initiations leave at the pace charon answers, not all at once."""
+    adapter = StrongSwanBackend(f"unix://{charon.path}", timeout=2, pipeline_window=2)
+    peerings = peerings_of(6)
+    adapter.apply_chains([[LoadSecret(p), LoadConn(p), Initiate(p.conn_name, p.children[0][0])] for p in peerings],
+                         lambda action, error: None)
+    requests = [r for r in charon.requests if r in ("load-shared", "load-conn", "initiate")]
+    assert requests.count("initiate") == 6
+    assert requests.index("initiate") < 6  # not after all 12 loads
+    assert max(i for i, r in enumerate(requests) if r == "load-shared") > requests.index("initiate")
+    adapter.close()
