@@ -27,6 +27,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    Meter, Ovsdb, PlutoConns, SpdCounter, charon_children, cpu_ticks, established_sas, ike_sa_counts, log,
+    Meter, Ovsdb, PlutoConns, SpdCounter, charon_children, cpu_ns, cpu_ticks, established_sas, ike_sa_counts, log,
     PROPOSALS, est_b_ip, memory_kb, pluto_conn_tunnel, pluto_tunnels, remote_ip, system_jiffies, trigger, vici_session,
     wait_quiet, watch,
 )
@@ -517,6 +518,14 @@ def establish_cell(impl: str, n: int, args, proposals: str = "modern") -> dict:
 
             spd_a = SpdCounter(a.name)
             session = vici_session(da.vici_path)
+            # Where the window's CPU goes: both charons and both monitors (floor: its script), and
+            # for ours the reconcile passes (metrics), read before the commit and at the finish.
+            procs = {"a_charon": a.charon_pid, "b_charon": b.charon_pid, "a_driver": da.pid, "b_driver": db.pid,
+                     "a_ovsdb": int((a.workdir / "ovsdb-server.pid").read_text()),
+                     "b_ovsdb": int((b.workdir / "ovsdb-server.pid").read_text())}
+            passes0 = _passes(da, db)
+            spies = _spies(da, db, args.est_spy, f"{impl}-{n}") if args.est_spy else []
+            cpu0 = {name: cpu_ns(pid) for name, pid in procs.items()}
             system0 = system_jiffies()
             if isinstance(da, Floor):  # from its first VICI call; it answers `done` once all are sent
                 da.send(f"initiate 1 {n}")
@@ -547,6 +556,14 @@ def establish_cell(impl: str, n: int, args, proposals: str = "modern") -> dict:
                 log(f"  establish {impl} N={n}: CUT OFF {detail['cut_off']}")
                 return detail
             detail["establish_s"] = round(reached - t_ref, 3)
+            detail["window_cpu_s"] = {name: round((cpu_ns(pid) - cpu0[name]) / 1e9, 3) for name, pid in procs.items()}
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+            passes1 = _passes(da, db)
+            if passes0 and passes1:
+                detail["reconcile"] = {side: {key: round(passes1[side][key] - passes0[side][key], 3)
+                                              for key in passes1[side]} for side in passes1}
             if isinstance(da, Floor):
                 _, sent_at, _ = da.proc.stdout.readline().split()
                 detail["floor_all_sent_s"] = round(float(sent_at) - t_ref, 3)
@@ -561,15 +578,58 @@ def establish_cell(impl: str, n: int, args, proposals: str = "modern") -> dict:
                 detail["machine_busy_pct"] = round(100 * (system1[0] - system0[0]) / max(1, system1[1] - system0[1]), 1)
             log_path = (da.up.dir if isinstance(da, Upstreams) else a.workdir) / "charon.log"
             text = log_path.read_text(errors="replace") if log_path.exists() else ""
+            detail["udp_rcvbuf_errors"] = {"a": _udp_rcvbuf_errors(a.name), "b": _udp_rcvbuf_errors(b.name)}
             detail["a_charon_log"] = {"acquires": text.count("creating acquire job"),
                                       "vici_initiates": text.count("vici initiate"),
                                       "child_sa_attempts": text.count("establishing CHILD_SA"),
                                       "retransmits": text.count("retransmit ")}
+            if impl != "upstream":
+                text = (b.workdir / "charon.log").read_text(errors="replace")
+                detail["b_charon_log"] = {"ike_sa_init_requests": text.count("parsed IKE_SA_INIT request"),
+                                          "create_child_sa_requests": text.count("parsed CREATE_CHILD_SA request"),
+                                          "vici_initiates": text.count("vici initiate")}
             for driver in (da, db):
                 try:
                     driver.stop()
                 except Exception as exc:
                     log(f"  stopping {driver.impl} on {driver.host.name}: {exc!r}")
+
+
+def _udp_rcvbuf_errors(netns: str) -> int | None:
+    """UDP datagrams the namespace's kernel dropped for a full socket buffer (IKE packets lost to
+    a burst: charon retransmits them after 4 s)."""
+    try:
+        text = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/net/snmp"], capture_output=True,
+                              text=True, timeout=10).stdout
+        header, values = [line.split() for line in text.splitlines() if line.startswith("Udp:")][:2]
+        return int(values[header.index("RcvbufErrors")])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def _passes(*drivers: Driver) -> dict | None:
+    """Ours: each monitor's reconcile passes and their seconds so far (its metrics), per side."""
+    if not all(isinstance(d, Ours) for d in drivers):
+        return None
+    found = {}
+    for side, driver in zip("ab", drivers, strict=True):
+        text = driver.host.appctl("metrics/show")
+        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("ovs_ipsec_reconcile_"))
+        found[side] = {"passes": float(values.get("ovs_ipsec_reconcile_duration_seconds_count", "nan")),
+                       "pass_s": float(values.get("ovs_ipsec_reconcile_duration_seconds_sum", "nan"))}
+    return found
+
+
+def _spies(da: Driver, db: Driver, folder: str, stem: str) -> list[subprocess.Popen]:
+    """--est-spy: py-spy (200 samples/s, every thread) on A's and B's monitor for the window."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    spies = [subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(driver.pid),
+                               "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
+                               "--output", f"{folder}/{stem}-{side}.txt"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for side, driver in (("a", da), ("b", db))]
+    time.sleep(1.0)  # py-spy attaches
+    return spies
 
 
 def _est_driver(impl: str, host, proposals: str) -> Driver:
@@ -636,6 +696,8 @@ def main() -> int:
     parser.add_argument("--upstream-step-limit", type=float, default=60.0,
                         help="time limit for upstream's +1 and -1 steps (visible, then idle again), s")
     parser.add_argument("--establish-limit", type=float, default=120.0)
+    parser.add_argument("--est-spy", default="",
+                        help="establishment: py-spy both monitors through the window, raw stacks into this folder")
     parser.add_argument("--ours-flags", default="", help="extra monitor flags for ours, space-separated "
                         "(experiments, e.g. '-vsyslog:off')")
     parser.add_argument("--out", default=str(HERE / "results"))

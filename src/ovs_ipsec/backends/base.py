@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import BackendError
-from ..model import ObservedState, Tunnel
+from ..model import ObservedSA, ObservedState, Tunnel
 from ..planner import Action, Naming, Peering
 
 # Told of every action a batch carried out or gave up on: (the action, None or why it failed).
 ActionDone = Callable[[Action, "Exception | None"], None]
+
+
+@dataclass(frozen=True)
+class SaEvent:
+    """What an event says about one IKE SA, complete enough to update the observation without
+    asking the daemon: it came up (`up`, its state now), a child of it was installed
+    (`installed_child`), or it is gone (neither)."""
+
+    conn_name: str
+    unique_id: str
+    up: ObservedSA | None = None
+    installed_child: str | None = None
+
+
+class OnChange(Protocol):
+    def __call__(self, conn_names: frozenset[str] | None, sa_events: Sequence[SaEvent] = ()) -> None:
+        """These connections' SAs changed (None: look at everything); `sa_events`, in the order
+        they happened, describe some of those changes (the others need a look)."""
 
 
 class Backend(Protocol):
@@ -32,7 +51,7 @@ class Backend(Protocol):
         whose deferred part failed (conn name -> why), so each fails alone; raises BackendError
         when the daemon is unreachable."""
 
-    def start_events(self, on_change: Callable[[frozenset[str] | None], None]) -> None:
+    def start_events(self, on_change: OnChange) -> None:
         """Call on_change(conn names) when SAs change, on_change(None) when the daemon restarted."""
 
     def cleanup_credentials(self, peerings: Collection[Peering]) -> None:

@@ -7,9 +7,10 @@ entries). After each action the cache records its effect without asking the daem
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from dataclasses import replace
 
-from ..backends.base import Backend
+from ..backends.base import Backend, SaEvent
 from ..model import ObservedSA, ObservedState
 from ..planner import Action, Initiate, LoadConn, LoadSecret, UnloadConn, UnloadSecret, secret_digest
 
@@ -51,6 +52,45 @@ class ObservationCache:
             restarted = False
         self.state = ObservedState(self._conns, self._secrets, self._sas)
         return restarted
+
+    def look_at_sas(self, scope: Collection[str] | None) -> bool:
+        """Refresh the IKE SAs of the connections in scope (None: of all), where the backend can
+        list them alone (what an SA event changes: connections and secrets are kept by record() and
+        checked by the full look); otherwise `look(scope)`, whose result it returns."""
+        observe_sas = getattr(self._backend, "observe_sas", None)
+        if observe_sas is None:
+            return self.look(scope)
+        if scope is None:
+            self._sas = dict(observe_sas(None))
+        else:
+            scope = set(scope)
+            fresh = observe_sas(scope)
+            for name in scope:
+                self._sas.pop(name, None)
+            self._sas.update(fresh)
+        self.state = ObservedState(self._conns, self._secrets, self._sas)
+        return False
+
+    def apply_events(self, events: Iterable[SaEvent]) -> None:
+        """What the daemon's events said, in order (see SaEvent): an SA up replaces what we knew
+        of it, and our own placeholder for a connection we initiated; its children stay as known
+        until a child event or a look says otherwise."""
+        for event in events:
+            sas = self._sas.get(event.conn_name, ())
+            known = next((sa for sa in sas if sa.unique_id == event.unique_id), None)
+            others = tuple(sa for sa in sas if sa.unique_id != event.unique_id and (event.up is None or sa.unique_id))
+            if event.up is None:
+                sas = others
+            else:
+                children = set(known.installed_children if known is not None else ())
+                if event.installed_child is not None:
+                    children.add(event.installed_child)
+                sas = (*others, replace(event.up, installed_children=tuple(sorted(children))))
+            if sas:
+                self._sas[event.conn_name] = sas
+            else:
+                self._sas.pop(event.conn_name, None)
+        self.state = ObservedState(self._conns, self._secrets, self._sas)
 
     def record(self, action: Action) -> None:
         """The effect of an action that just succeeded."""

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
-from ..backends.base import ActionDone, Backend
+from ..backends.base import ActionDone, Backend, SaEvent
 from ..errors import BackendError
 from ..guard.enforcer import PlaintextGuard
 from ..model import DesiredState
@@ -40,8 +40,8 @@ from .workqueue import Work, WorkQueue
 
 log = logging.getLogger("ovs_ipsec.reconciler")
 
-# Observing a few connections one by one is cheaper than listing all of them; past this many,
-# one full listing wins.
+# Observing a few connections' SAs one by one is cheaper than listing all of them; past this many,
+# one listing of every SA wins (charon walks all its IKE SAs for each scoped list-sas).
 SCOPED_OBSERVE_LIMIT = 64
 # After our IKE daemon restarted, a responder waits this long for its peer's initiator before it
 # initiates itself: if both daemons restarted, the initiator's SA is up by then and the responder
@@ -64,14 +64,20 @@ class Reconciler:
         self._errors: dict[str, str] = {}  # conn name -> why its last action failed
         self._progress: dict[str, tuple[bool, int]] = {}
         self._takeover: set[str] = set()  # responder conns initiating until an SA is up
-        # conn name -> (children initiated, until when they count as tried): see Memory.tried
-        self._tried: dict[str, tuple[set[str], float]] = {}
+        # conn name -> (children initiated, their retry delay, until when they count as tried): see
+        # Memory.tried. Until None: asked for with an IKE SA that is not up yet; charon tries them
+        # when it comes up, so their delay starts then (see _note_progress).
+        self._tried: dict[str, tuple[set[str], float, float | None]] = {}
+        self._held: set[str] = set()  # conns whose children's retry was held once (_children_tried)
         self._loaded: dict[str, Peering] = {}  # conn name -> what we last loaded (see Memory.loaded)
         self._daemon_error: str | None = None
         self._pass_error: str | None = None  # why the last pass failed unexpectedly
         self._last_full_resync: float | None = None
         self._pass_started = time.monotonic()
         self._status_memo: dict = {}  # for build_snapshot: reuse unchanged tunnels' statuses
+        # Connections whose SA changes since the last pass the daemon's events described in full
+        # (note_sa_events): the next pass need not ask about them.
+        self._described: set[str] = set()
         # Tunnels whose status may differ from the last snapshot's (None: any of them): the next
         # snapshot looks at these only, so a one-tunnel change costs one status.
         self._status_scope: set[str] | None = set()
@@ -106,10 +112,18 @@ class Reconciler:
         # dirty only because its desired form changed is planned on the cache, which our own
         # actions and the daemon's events keep current (and the periodic full pass checks): asking
         # first would cost a one-tunnel change two more VICI requests. After the daemon did not
-        # answer, nothing cached is trusted.
-        scope = None if work.full or self._daemon_error or len(work.keys) > SCOPED_OBSERVE_LIMIT else work.keys
+        # answer, nothing cached is trusted. Otherwise the SAs are what can have changed: the IKE
+        # daemon's events are about SAs, and a retry or takeover is about its connection's SA.
+        # Connections whose events described the change in full are not asked about at all.
+        look = work.keys - self._described
+        self._described = set()
         try:
-            restarted = self.observation.look(scope) if scope is None or scope else False
+            if work.full or self._daemon_error:
+                restarted = self.observation.look(None)
+            elif look:
+                restarted = self.observation.look_at_sas(None if len(look) > SCOPED_OBSERVE_LIMIT else look)
+            else:
+                restarted = False
             self._daemon_error = None
         except BackendError as exc:
             self._daemon_unreachable(exc, now)
@@ -123,7 +137,7 @@ class Reconciler:
             dirty = set(self.desired.peerings) | set(observed.conns) | set(observed.shared_secrets)
             self._loaded = {name: peering for name, peering in self._loaded.items() if name in observed.conns}
             self._status_scope = None
-        self._note_progress(dirty)
+        self._note_progress(dirty, now)
         protected = protected_conns(observed, self.desired.unprotected_invalid(), self._backend.naming,
                                     scope=None if work.full else dirty)
         tried = self._children_tried(dirty, now)
@@ -138,6 +152,12 @@ class Reconciler:
         self._touch(tunnel.name for conn in dirty if (peering := self.desired.peerings.get(conn))
                     for tunnel in peering.tunnels)
         self._publish(now)
+
+    def note_sa_events(self, events: Sequence[SaEvent]) -> None:
+        """The daemon's events that describe their SA change in full: into the observation now."""
+        if events:
+            self.observation.apply_events(events)
+            self._described.update(event.conn_name for event in events)
 
     def pass_failed(self, exc: BaseException, delay: float, now: float) -> None:
         """A pass raised something no step expected: its work was requeued with `delay`."""
@@ -176,15 +196,38 @@ class Reconciler:
         self._queue.schedule_takeovers(responders, now + TAKEOVER_DELAY)
 
     def _children_tried(self, conn_names: set[str], now: float) -> dict[str, set[str]]:
-        """The connections' children tried within their retry delay (those past it are forgotten)."""
+        """The connections' children tried within their retry delay (those past it are forgotten).
+
+        A retry that falls due while IKE SAs of ours are still being negotiated is held once, for
+        the connection's next backoff delay: it would compete with them for the IKE daemons on both ends (a key
+        exchange each), and the child failed already. Held once only, so a peer that never
+        answers (its IKE SA connecting for minutes) cannot hold the others' retries for long."""
         tried = {}
+        connecting: bool | None = None  # asked once per pass, only when a retry falls due
         for name in conn_names:
-            children, until = self._tried.get(name, (set(), 0.0))
-            if until > now and name in self.desired.peerings:
+            if name not in self._tried:
+                continue
+            children, delay, until = self._tried[name]
+            if name not in self.desired.peerings:
+                pass
+            elif until is None or until > now:
                 tried[name] = children
-            else:
-                self._tried.pop(name, None)
+                continue
+            elif name not in self._held:
+                if connecting is None:
+                    connecting = self._ike_sas_connecting()
+                if connecting:  # (the connection's next backoff step: it is looked at again then)
+                    self._held.add(name)
+                    self._tried[name] = (children, delay, now + self._queue.failed(name, now))
+                    tried[name] = children
+                    continue
+            self._tried.pop(name, None)
+            self._held.discard(name)
         return tried
+
+    def _ike_sas_connecting(self) -> bool:
+        """Whether an IKE SA of ours is being negotiated (one look at every connection's SAs)."""
+        return any(sa.state in ("CREATED", "CONNECTING") for sas in self.observation.state.sas.values() for sa in sas)
 
     def _rearm_tried(self, tried: dict[str, set[str]], actions: tuple[Action, ...], now: float) -> None:
         """A connection whose missing children were all tried, and that got no initiation now, is
@@ -199,13 +242,20 @@ class Reconciler:
             if missing and missing <= children:  # otherwise something else is missing: not a matter of waiting
                 self._queue.failed(name, now)
 
-    def _note_progress(self, conn_names: set[str]) -> None:
+    def _note_progress(self, conn_names: set[str], now: float) -> None:
         """An SA that came up since the last look cancels the connection's initiation backoff,
-        and the error of a failed initiation: the SA it asked for is there after all."""
+        and the error of a failed initiation: the SA it asked for is there after all; the retry
+        delay of the children asked for with it starts now."""
         observed, peerings = self.observation.state, self.desired.peerings
         for name in conn_names:
             up = [sa for sa in observed.sas_of(name) if sa.established]
             progress = (bool(up), max((sa.child_sas_installed for sa in up), default=0))
+            children, delay, until = self._tried.get(name, (set(), 0.0, 0.0))
+            if up and until is None:
+                # The children asked for with this IKE SA were tried as it came up, not when we
+                # asked: a burst of thousands takes seconds, and a delay counted from the request
+                # had often run out by then, so the failed child was asked for again at once.
+                self._tried[name] = (children, delay, now + delay)
             if progress > self._progress.get(name, (False, 0)):
                 self._queue.reset(name)
                 self._errors.pop(name, None)
@@ -271,11 +321,10 @@ class Reconciler:
     def _carry_out(self, actions: tuple[Action, ...], done: ActionDone, failed: set[str]) -> None:
         """Hand the actions to the backend; raises BackendError when the daemon stopped answering.
 
-        A backend that can pipeline gets each phase of the plan (removals, loads and initiations,
-        in the order the plan put them) as chains, one per connection, so thousands of loads
-        overlap; the next phase starts once the previous one is answered (every secret and
-        connection is in before the first initiation, and a replacement before what it replaces
-        goes).
+        A backend that can pipeline gets each phase of the plan (`phases`: its removals, and its
+        loads with their initiations, in the plan's order) as chains, one per connection, so
+        thousands of loads overlap; the next phase starts once the previous one is answered (a
+        replacement is in before what it replaces goes).
         Otherwise one action after the other, a connection's later steps skipped once one failed."""
         apply_chains = getattr(self._backend, "apply_chains", None)
         if apply_chains is not None:
@@ -316,8 +365,10 @@ class Reconciler:
         elif isinstance(action, Initiate):
             # Until the IKE daemon reports progress, do not initiate again before the backoff delay.
             delay = self._queue.failed(action.conn_name, now)
-            children, _ = self._tried.get(action.conn_name, (set(), 0.0))
-            self._tried[action.conn_name] = (children | {action.child}, now + delay)
+            children, _, _ = self._tried.get(action.conn_name, (set(), 0.0, 0.0))
+            self._held.discard(action.conn_name)
+            up = any(sa.established for sa in self.observation.state.sas_of(action.conn_name))
+            self._tried[action.conn_name] = (children | {action.child}, delay, now + delay if up else None)
             log.debug("%s: initiating %s", self._describe(action.conn_name), action.child)
         elif not isinstance(action, UnloadSecret):
             log.info("%s: ended child SA %s", self._describe(action.conn_name), action.child)
@@ -387,9 +438,15 @@ class Reconciler:
 
 
 def phases(actions: Sequence[Action]) -> list[list[Action]]:
-    """The plan's runs of removals, loads (and ended children) and initiations, in its order."""
+    """The plan's runs of removals, and of loads (and ended children) with initiations, in its order.
+
+    A connection's initiation goes once its own loads are in, not once every connection's are:
+    its IKE SA then starts while the others load (in a burst, charon's key exchanges begin at
+    once instead of after the whole load), and the initiations leave at the pace charon answers
+    loads, not a thousand at once (which overflowed the peer's UDP socket buffer: bench/README.md,
+    Establishment)."""
     def phase(action: Action) -> int:
-        return 0 if isinstance(action, (UnloadSecret, UnloadConn)) else 2 if isinstance(action, Initiate) else 1
+        return 0 if isinstance(action, (UnloadSecret, UnloadConn)) else 1
     runs: list[list[Action]] = []
     for action in actions:
         if not runs or phase(runs[-1][-1]) != phase(action):

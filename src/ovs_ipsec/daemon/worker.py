@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
-from ..backends.base import Backend
+from ..backends.base import Backend, SaEvent
 from ..model import DesiredState
 from ..status.snapshot import StatusSnapshot
 from .reconciler import Reconciler
 from .workqueue import WorkQueue
 
 log = logging.getLogger("ovs_ipsec.reconciler")
+
+# The IKE daemon's events start a pass at most this long after the previous one ended: in an
+# establishment burst thousands arrive within seconds, and a pass per event (its status snapshot,
+# its OVSDB write-back) cost both monitors more CPU than the events' own work, on hosts where the
+# IKE daemons keep every core busy. A new configuration never waits.
+EVENT_BATCH = 0.05
 
 
 @dataclass
@@ -29,6 +34,7 @@ class _Inbox:
 
     desired: DesiredState | None = None
     dirty_conns: set[str] = field(default_factory=set)
+    sa_events: list[SaEvent] = field(default_factory=list)  # in the order they happened
     full_resync: bool = False
     waiters: list[threading.Event] = field(default_factory=list)
     stop: bool = False
@@ -40,11 +46,13 @@ class _Inbox:
 
 class Worker:
     def __init__(self, reconciler: Reconciler, queue: WorkQueue, backend: Backend,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], event_batch: float = EVENT_BATCH) -> None:
         self._reconciler = reconciler
         self._queue = queue
         self._backend = backend
         self._clock = clock
+        self._event_batch = event_batch
+        self._events_due = 0.0  # events wait for a pass until then (the last pass's end + the batch)
         self._cond = threading.Condition()
         self._inbox = _Inbox()
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
@@ -64,13 +72,15 @@ class Worker:
             self._inbox.desired = desired
             self._cond.notify()
 
-    def mark_conns_dirty(self, conn_names: frozenset[str] | None) -> None:
-        """IKE daemon events: these connections changed; None: look at everything."""
+    def mark_conns_dirty(self, conn_names: frozenset[str] | None, sa_events: Sequence[SaEvent] = ()) -> None:
+        """IKE daemon events: these connections changed (`sa_events` says how, for some of them);
+        None: look at everything."""
         with self._cond:
             if conn_names is None:
                 self._inbox.full_resync = True
             else:
                 self._inbox.dirty_conns |= conn_names
+            self._inbox.sa_events.extend(sa_events)
             self._cond.notify()
 
     def refresh(self, timeout: float = 30.0) -> bool:
@@ -101,8 +111,8 @@ class Worker:
         seen_desired = False  # no pass before the first OVSDB snapshot: never act on an empty picture
         while True:
             with self._cond:
-                self._cond.wait_for(partial(self._ready, seen_desired),
-                                    timeout=self._sleep_time() if seen_desired else None)
+                while not self._ready(seen_desired):  # the wait is measured again after each wake-up
+                    self._cond.wait(self._sleep_time() if seen_desired else None)
                 inbox, self._inbox = self._inbox, _Inbox()
             now = self._clock()
             if inbox.stop:
@@ -111,20 +121,29 @@ class Worker:
                 for waiter in inbox.waiters:
                     waiter.set()
                 return
+            self._reconciler.note_sa_events(inbox.sa_events)
             self._queue.add(inbox.dirty_conns)
             if inbox.full_resync:
                 self._queue.request_full(now)
             seen_desired = seen_desired or inbox.desired is not None
             if seen_desired:
                 run_due_work(self._reconciler, self._queue, inbox.desired, now)
+                self._events_due = self._clock() + self._event_batch
             for waiter in inbox.waiters:
                 waiter.set()
 
     def _ready(self, seen_desired: bool) -> bool:
-        return bool(self._inbox) or (seen_desired and self._queue.has_work(self._clock()))
+        inbox = self._inbox
+        if inbox.stop or inbox.desired or inbox.full_resync or inbox.waiters or not seen_desired:
+            return bool(inbox)
+        now = self._clock()
+        return (bool(inbox.dirty_conns) and now >= self._events_due) or self._queue.has_work(now)
 
     def _sleep_time(self) -> float:
-        return max(0.0, self._queue.next_deadline() - self._clock()) + 0.01
+        deadline = self._queue.next_deadline()
+        if self._inbox.dirty_conns:
+            deadline = min(deadline, self._events_due)
+        return max(0.0, deadline - self._clock()) + 0.01
 
 
 def run_due_work(reconciler: Reconciler, queue: WorkQueue, desired: DesiredState | None, now: float) -> None:

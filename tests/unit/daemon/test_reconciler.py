@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from testsupport.builders import desired, row
 from testsupport.fakes import FakeBackend
+from ovs_ipsec.backends.base import SaEvent
 from ovs_ipsec.daemon.reconciler import TAKEOVER_DELAY, Reconciler
 from ovs_ipsec.daemon.worker import run_due_work
 from ovs_ipsec.daemon.workqueue import WorkQueue
-from ovs_ipsec.model import ChangeLog, TunnelState
+from ovs_ipsec.errors import BackendError
+from ovs_ipsec.model import ChangeLog, ObservedSA, TunnelState
 from ovs_ipsec.pki.inspect import CertificateInspector
 from ovs_ipsec.planner import Initiate, LoadConn, LoadSecret, UnloadConn
 from ovs_ipsec.status.events import EventLog, events_between
@@ -292,6 +294,37 @@ def test_a_desired_change_alone_asks_the_daemon_nothing_an_event_asks_about_its_
     assert loop.status("b").state is TunnelState.ESTABLISHED
 
 
+class SaListingBackend(FakeBackend):
+    """A daemon whose SAs can be listed alone (as charon's list-sas)."""
+
+    def observe_sas(self, conn_names=None):
+        self.observed.append(("sas", None if conn_names is None else tuple(sorted(conn_names))))
+        if self.unreachable:
+            raise BackendError("charon did not answer list-sas", transport=True)
+        return {n: s for n, s in self.sas.items() if conn_names is None or n in conn_names}
+
+
+def test_events_look_at_the_sas_alone_and_a_burst_of_them_at_every_sa_once():
+    """An establishment burst: the events of 100 connections cost one listing of the SAs, not a
+    full look (every connection and secret too) nor 100 scoped ones; a few events, their SAs."""
+    backend = SaListingBackend()
+    loop = Loop(backend)
+    rows = [row(f"t{i}", "geneve", **dict(PSK, remote_ip=f"10.0.1.{i}")) for i in range(1, 101)]
+    loop.configure(*rows)
+    assert backend.observed == [None]
+    conns = [loop.conn(f"t{i}") for i in range(1, 101)]
+    for conn in conns:
+        backend.establish(conn)
+    loop.tick(dirty=conns)
+    assert backend.observed == [None, ("sas", None)]
+    assert all(loop.status(f"t{i}").state is TunnelState.ESTABLISHED for i in range(1, 101))
+    backend.sas.pop(conns[0])  # one goes down
+    loop.tick(dirty=[conns[0]])
+    assert backend.observed[2:] == [("sas", (conns[0],))]
+    assert loop.status("t1").state is not TunnelState.ESTABLISHED
+    assert loop.status("t2").state is TunnelState.ESTABLISHED
+
+
 def test_after_the_daemon_did_not_answer_a_desired_change_looks_at_everything():
     backend = FakeBackend()
     loop = Loop(backend)
@@ -354,15 +387,15 @@ class PipeliningBackend(FakeBackend):
                 done(action, None)
 
 
-def test_a_pipelining_backend_gets_phases_of_per_connection_chains_and_a_failure_stops_its_own_only():
+def test_a_pipelining_backend_gets_one_chain_per_connection_its_loads_then_its_initiation():
     backend = PipeliningBackend()
     loop = Loop(backend)
     bad = "10.0.0.3"
     backend.refuse = lambda action: isinstance(action, LoadConn) and action.peering.tunnels[0].remote_ip == bad
     loop.configure(row("gnv1", "geneve", **PSK), row("gnv2", "geneve", **dict(PSK, remote_ip=bad)))
-    loads, initiations = backend.batches
-    assert loads == [["LoadSecret", "LoadConn"]] * 2  # every load in before the first initiation
-    assert initiations == [["Initiate"]]  # the refused connection is not initiated
+    (batch,) = backend.batches
+    # a connection is initiated once its own loads are in, not once every connection's are
+    assert batch == [["LoadSecret", "LoadConn", "Initiate"]] * 2
     assert [a.conn_name for a in backend.applied if isinstance(a, Initiate)] == [loop.conn("gnv1")]
     assert loop.status("gnv2").state is TunnelState.ERROR and "charon refused" in loop.status("gnv2").reason
     assert loop.status("gnv1").state is not TunnelState.ERROR
@@ -387,3 +420,74 @@ def test_a_child_that_failed_with_its_ike_sa_is_retried_after_its_delay_not_when
     loop.tick(1.5)
     assert loop.backend.applied[count:] == [Initiate(conn, first), Initiate(conn, second)]
 
+
+
+def test_a_child_asked_for_with_a_slow_ike_sa_waits_its_delay_from_when_the_sa_came_up():
+    """In an establishment burst an IKE SA can take longer than the first child's retry delay to
+    come up. That child was tried as the SA came up (in IKE_AUTH), so it is not asked for again at
+    once with the others: its delay starts with the SA (on a kernel without ESP each such retry
+    was a key exchange on both ends, racing the IKE SAs still to come)."""
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", **PSK))
+    conn = loop.conn("gnv")
+    first, second = (child for child, _ in loop.reconciler.desired.peerings[conn].children)
+    assert loop.backend.applied[-1] == Initiate(conn, first)
+    loop.backend.sas[conn] = (ObservedSA(conn, "1", "CONNECTING", None, ()),)
+    loop.tick(2.5)  # the initiation's backoff ran out while the IKE SA is still being negotiated
+    count = len(loop.backend.applied)
+    loop.backend.establish(conn, children=False)
+    loop.tick(0.5, dirty=[conn])
+    assert loop.backend.applied[count:] == [Initiate(conn, second)]
+    loop.tick(1.0)
+    assert len(loop.backend.applied) == count + 1  # within the first child's delay from the SA
+    loop.tick(1.5)
+    assert loop.backend.applied[count + 1:] == [Initiate(conn, first), Initiate(conn, second)]
+
+
+def test_events_that_describe_the_change_in_full_ask_the_daemon_nothing():
+    """An establishment burst: every IKE SA that comes up is an event on both monitors. The event
+    says it all (an SA up, a child installed, an SA gone), so no listing follows it; the planner
+    acts on it (the second child is asked for) and the status shows it."""
+    backend = SaListingBackend()
+    loop = Loop(backend)
+    loop.configure(row("gnv", "geneve", **PSK))
+    conn = loop.conn("gnv")
+    first, second = (child for child, _ in loop.reconciler.desired.peerings[conn].children)
+    looked = len(backend.observed)
+    established = ObservedSA(conn, "7", "ESTABLISHED", 0, ())
+    loop.reconciler.note_sa_events([SaEvent(conn, "7", up=established)])
+    loop.tick(dirty=[conn])
+    assert backend.applied[-1] == Initiate(conn, second)
+    assert loop.status("gnv").state is TunnelState.NEGOTIATING
+    loop.reconciler.note_sa_events([SaEvent(conn, "7", up=established, installed_child=first),
+                                    SaEvent(conn, "7", up=established, installed_child=second)])
+    loop.tick(dirty=[conn])
+    assert loop.status("gnv").state is TunnelState.ESTABLISHED
+    loop.reconciler.note_sa_events([SaEvent(conn, "7")])  # the IKE SA is gone
+    loop.tick(dirty=[conn])
+    assert loop.status("gnv").state is not TunnelState.ESTABLISHED
+    assert len(backend.observed) == looked
+    loop.tick(dirty=[conn])  # an event that described nothing (a child down, a rekey): a look
+    assert backend.observed[looked:] == [("sas", (conn,))]
+
+
+def test_a_child_retry_waits_once_while_other_ike_sas_are_being_negotiated():
+    """A failed child's retry that falls due while another IKE SA of ours is still being
+    negotiated waits once more, its next backoff step (it would compete with that negotiation for both IKE
+    daemons); once only, so a peer that never answers cannot hold it for long."""
+    loop = Loop()
+    loop.configure(row("gnv", "geneve", **PSK), row("slow", "geneve", **dict(PSK, remote_ip="10.0.0.3")))
+    conn, slow = loop.conn("gnv"), loop.conn("slow")
+    first, second = (child for child, _ in loop.reconciler.desired.peerings[conn].children)
+    loop.backend.sas[slow] = (ObservedSA(slow, "2", "CONNECTING", None, ()),)  # stays so
+    loop.backend.establish(conn, children=False)
+    loop.tick(0.5, dirty=[conn, slow])
+    assert loop.backend.applied[-1] == Initiate(conn, second)
+    count = len(loop.backend.applied)
+    loop.tick(2.5)  # the retry falls due: held, the other IKE SA is still connecting
+    assert [a for a in loop.backend.applied[count:] if a.conn_name == conn] == []
+    loop.tick(3.5)
+    assert [a for a in loop.backend.applied[count:] if a.conn_name == conn] == []
+    loop.tick(0.5)  # held once only: for the next backoff step (4 s)
+    assert [a for a in loop.backend.applied[count:] if a.conn_name == conn] == \
+        [Initiate(conn, first), Initiate(conn, second)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from ...model import ObservedSA
+from ..base import SaEvent
 from ..naming import OWNER_PREFIX
 
 
@@ -53,6 +54,29 @@ def _ike_sa(name: str, details: Mapping) -> ObservedSA:
         established_seconds=int(text(established)) if established is not None else None,
         installed_children=installed,
     )
+
+
+def event_sas(kind: str, message: Mapping) -> tuple[SaEvent, ...]:
+    """What an ike-updown or child-updown event says for certain about our IKE SAs. Its payload
+    is the IKE SA as list-sas shows it, without its children (child-updown: with the one child
+    only). An SA up, an SA gone, a child installed: each is whole in the event. A child going
+    down and the rekey events are left to a look (two instances of one child can be installed
+    during a rekey, and one going down does not say the other did)."""
+    up = message.get("up") == b"yes"
+    events = []
+    for name, details in message.items():
+        name = text(name)
+        if not isinstance(details, Mapping) or not name.startswith(OWNER_PREFIX):
+            continue
+        unique_id = text(details.get("uniqueid", b""))
+        if kind == "ike-updown":
+            events.append(SaEvent(name, unique_id, up=_ike_sa(name, details) if up else None))
+        elif kind == "child-updown" and up:
+            for child in (details.get("child-sas") or {}).values():
+                if text(child.get("state", b"")) == "INSTALLED":
+                    events.append(SaEvent(name, unique_id, up=_ike_sa(name, details),
+                                          installed_child=text(child.get("name", b""))))
+    return tuple(events)
 
 
 def event_conn_names(message: Mapping) -> frozenset[str]:

@@ -206,3 +206,40 @@ def test_a_scoped_look_at_many_connections_is_pipelined_and_the_session_stays_us
     adapter.apply(UnloadConn(peerings[5].conn_name))  # replies are not out of step afterwards
     assert peerings[5].conn_name not in charon.conns
     adapter.close()
+
+
+def test_a_look_at_sas_lists_the_sas_alone_scoped_or_all(charon, tmp_path):
+    """What an SA event needs: neither list-conns nor get-shared (the full look's), which cost both
+    charons and both monitors most of an establishment burst's listings (bench/README.md)."""
+    adapter = StrongSwanBackend(f"unix://{charon.path}", timeout=2, pipeline_window=4)
+    peerings = peerings_of(6)
+    adapter.apply_chains([[LoadConn(p)] for p in peerings], lambda action, error: None)
+    charon.establish(peerings[1].conn_name, "3", {peerings[1].children[0][0]: "INSTALLED"})
+    charon.establish(peerings[4].conn_name, "4", {})
+    charon.requests.clear()
+    scoped = adapter.observe_sas([p.conn_name for p in peerings[:4]])
+    assert set(scoped) == {peerings[1].conn_name}
+    assert scoped[peerings[1].conn_name][0].installed_children == (peerings[1].children[0][0],)
+    assert set(charon.requests) == {"list-sas"} and len(charon.requests) == 4  # one per connection
+    charon.requests.clear()
+    everything = adapter.observe_sas(None)
+    assert set(everything) == {peerings[1].conn_name, peerings[4].conn_name}
+    assert charon.requests == ["list-sas"]
+    adapter.apply(UnloadConn(peerings[5].conn_name))  # replies are not out of step afterwards
+    assert peerings[5].conn_name not in charon.conns
+    adapter.close()
+
+
+def test_a_chain_under_way_goes_on_before_new_chains_start(charon):
+    """Each connection's secret, connection and initiation, in that order, and the first
+    connection initiated long before the last one is loaded: the burst's first IKE SAs start while
+    the others load, and the initiations leave at the pace charon answers, not all at once."""
+    adapter = StrongSwanBackend(f"unix://{charon.path}", timeout=2, pipeline_window=2)
+    peerings = peerings_of(6)
+    adapter.apply_chains([[LoadSecret(p), LoadConn(p), Initiate(p.conn_name, p.children[0][0])] for p in peerings],
+                         lambda action, error: None)
+    requests = [r for r in charon.requests if r in ("load-shared", "load-conn", "initiate")]
+    assert requests.count("initiate") == 6
+    assert requests.index("initiate") < 6  # not after all 12 loads
+    assert max(i for i, r in enumerate(requests) if r == "load-shared") > requests.index("initiate")
+    adapter.close()

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import pytest
 
 from testsupport.golden import GOLDEN_DIR, assert_golden
-from ovs_ipsec.backends.strongswan import parse
+from ovs_ipsec.backends.strongswan import parse, render
 from ovs_ipsec.backends.strongswan.backend import _peer_process
 
 # list-sas event for an IKE SA whose first CHILD_SA was installed (the shape charon 5.9.8 sends).
@@ -144,3 +144,35 @@ def test_6_0_replies_have_the_shape_of_5_9():
                  "get_shared.json", "events.jsonl"):
         old, new = (paths(captured(version, what)) for version in VERSIONS)
         assert old == new, what
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_captured_events_tell_what_a_listing_would(version):
+    """charon's own ike-updown and child-updown events, in their order, carried into the observation
+    cache: the tunnel's IKE SA up with both children installed, as list-sas shows it, so the monitor
+    need not ask (bench/README.md, Establishment)."""
+    from ovs_ipsec.daemon.observation import ObservationCache
+    from testsupport.fakes import FakeBackend
+
+    cache = ObservationCache(FakeBackend())
+    for event in captured(version, "events.jsonl"):
+        cache.apply_events(parse.event_sas(event["event"], event["message"]))
+    listed = parse.ike_sas(captured(version, "list_sas_initiator.json"))  # (another tunnel's capture)
+
+    def shape(sas):
+        return [(sa.state, sa.established_seconds is not None, len(sa.installed_children))
+                for found in sas.values() for sa in found]
+    assert shape(cache.state.sas) == shape(listed) == [("ESTABLISHED", True, 2)]
+    (name, (sa,)), = cache.state.sas.items()
+    assert {render.child_owner(child) for child in sa.installed_children} == {"tun"}
+
+
+def test_events_that_do_not_say_it_all_are_left_to_a_look():
+    sa = {"uniqueid": b"4", "state": b"ESTABLISHED"}
+    child = {"child-sas": {"c-9": {"name": b"ovsipsec-c", "state": b"INSTALLED"}}}
+    assert parse.event_sas("ike-updown", {"ovsipsec-x": sa}) == (parse.SaEvent("ovsipsec-x", "4"),)  # gone
+    assert parse.event_sas("ike-updown", {"up": b"yes", "operator-vpn": sa}) == ()  # not ours
+    assert parse.event_sas("child-updown", {"ovsipsec-x": {**sa, **child}}) == ()  # a child down: look
+    assert parse.event_sas("child-rekey", {"ovsipsec-x": {**sa, **child}}) == ()
+    (up,) = parse.event_sas("child-updown", {"up": b"yes", "ovsipsec-x": {**sa, **child}})
+    assert up.installed_child == "ovsipsec-c" and up.up is not None and up.up.established
