@@ -170,6 +170,8 @@ def test_secrets_never_reach_status_or_logs(two_hosts):
     assert "Sup3rS3cretPSK" not in shown
     assert "PSK:            <hidden>" in shown
     assert "Sup3rS3cretPSK" not in a.log_text()
+    # vlog/set reached our own loggers too (they follow vlog's levels so as not to build dropped lines)
+    assert "tunnel tun: loaded the pre-shared key" in a.log_text()
 
 
 def test_status_command_prints_table_and_json(two_hosts):

@@ -162,8 +162,9 @@ def run_monitor(args: argparse.Namespace) -> int:
         args.pidfile = ovs.daemon.make_pidfile_name(None)
     # Upstream's vlog module name, so `-vovs-monitor-ipsec:dbg` and `vlog/set ovs-monitor-ipsec:dbg`
     # work as they do with upstream. Modules must exist before vlog is initialised.
-    logbridge.install(MONITOR_PROGRAM)
+    follow_vlog_levels = logbridge.install(MONITOR_PROGRAM)
     ovs.vlog.handle_args(args)
+    follow_vlog_levels()
     ovs.daemon.handle_args(args)
     vici_uri = args.vici_uri or f"unix://{args.root_prefix}/var/run/charon.vici"
     try:

@@ -67,8 +67,9 @@ def run_service(args: argparse.Namespace) -> int:
     if not _IFNAME.fullmatch(args.uplink) or not interface_exists(args.uplink):
         print(f"{PROGRAM}: --uplink must name a network interface of this namespace", file=sys.stderr)
         return 1
-    logbridge.install("ovs_ipsec")
+    follow_vlog_levels = logbridge.install("ovs_ipsec")
     ovs.vlog.handle_args(args)
+    follow_vlog_levels()
     ovs.daemon.handle_args(args)
     log = logging.getLogger("ovs_ipsec.userspace")
     try:
