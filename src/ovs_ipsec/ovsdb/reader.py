@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import types
 
 import ovs.db.idl
 import ovs.poller
@@ -90,12 +91,19 @@ class _TrackingIdl(ovs.db.idl.Idl):
         self.touched_interfaces: set = set()
         self.topology_changed = True  # a Bridge or Port changed: which datapath holds which Interface
         self.shared_types: dict = {}  # Interface type -> the one Datum every row of that type holds
+        # What an Interface row holds for a transaction of this IDL: none, ever (the status writer
+        # has its own session). python-ovs gives each row three empty dicts for that, 1 MB at
+        # 5000 rows; they share one that cannot be written, so a transaction would fail loudly.
+        self.no_transaction: types.MappingProxyType = types.MappingProxyType({})
 
     def notify(self, event, row, updates=None):  # noqa: D401 - python-ovs hook
         if row._table.name in ("Bridge", "Port"):
             self.topology_changed = True
         elif row._table.name == "Interface":
             self.touched_interfaces.add(row.uuid)
+            if event == ovs.db.idl.ROW_CREATE:
+                for slot in ("_changes", "_mutations", "_prereqs"):
+                    row.__dict__[slot] = self.no_transaction
             if event != ovs.db.idl.ROW_DELETE:
                 _share_repeated_strings(row)
                 _share_type(row, self.shared_types)
