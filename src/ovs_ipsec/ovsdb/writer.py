@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import ovs.db.idl
@@ -71,14 +71,15 @@ class RowWrite:
     delete_keys: tuple[str, ...]
 
 
-def status_keys(tunnel: TunnelStatus) -> dict[str, str]:
+def status_keys(tunnel: TunnelStatus, iso: Callable[[float], str] | None = None) -> dict[str, str]:
+    iso = iso or _iso
     keys = {STATE_KEY: tunnel.state.value}
     if tunnel.reason:
         keys[REASON_KEY] = tunnel.reason
     if tunnel.since is not None:
-        keys[SINCE_KEY] = _iso(tunnel.since)
+        keys[SINCE_KEY] = iso(tunnel.since)
     if tunnel.last_good_since is not None:
-        keys[LAST_GOOD_KEY] = _iso(tunnel.last_good_since)
+        keys[LAST_GOOD_KEY] = iso(tunnel.last_good_since)
     return keys
 
 
@@ -86,9 +87,9 @@ def _iso(moment: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
-def wanted_keys(snapshot: StatusSnapshot) -> dict[str, dict[str, str]]:
+def wanted_keys(snapshot: StatusSnapshot, iso: Callable[[float], str] | None = None) -> dict[str, dict[str, str]]:
     """Tunnel name -> the keys its Interface row should carry."""
-    return {name: status_keys(tunnel) for name, tunnel in snapshot.statuses.items()}
+    return {name: status_keys(tunnel, iso) for name, tunnel in snapshot.statuses.items()}
 
 
 def plan_writes(wanted: Mapping[str, Mapping[str, str]],
@@ -181,6 +182,7 @@ class InterfaceStatusWriter:
         self._seen_changes: ChangeLog | None = None  # the ChangeLog of the snapshot `_wanted` is from
         self._names: dict = {}  # Interface uuid -> name, kept for the rows the IDL reported touched
         self._uuids_of: dict[str, tuple] = {}  # the reverse: name -> uuids (see index.py)
+        self._iso_of: dict[int, str] = {}  # see `_shared_iso`
         self._last_full_resync: float | None = None
         self._full_scan = True  # look at every row: first run, after a failed write, on a resync
         self._backlog: tuple[RowWrite, ...] = ()  # planned for `_backlog_of`, beyond the first chunk
@@ -232,7 +234,7 @@ class InterfaceStatusWriter:
         names = None if self._full_scan else snapshot.changes.since(self._seen_changes)
         self._seen_changes = snapshot.changes
         if names is None:
-            before, self._wanted = self._wanted, wanted_keys(snapshot)
+            before, self._wanted = self._wanted, wanted_keys(snapshot, self._shared_iso)
             if self._full_scan:
                 return None
             return {name for name in before.keys() | self._wanted.keys()
@@ -240,7 +242,7 @@ class InterfaceStatusWriter:
         changed = set()
         for name in names:
             status = snapshot.statuses.get(name)
-            keys = status_keys(status) if status is not None else None
+            keys = status_keys(status, self._shared_iso) if status is not None else None
             if keys != self._wanted.get(name):
                 changed.add(name)
                 if keys is None:
@@ -248,6 +250,18 @@ class InterfaceStatusWriter:
                 else:
                     self._wanted[name] = keys
         return changed
+
+    def _shared_iso(self, moment: float) -> str:
+        """One string per second written: a bulk load's thousands of tunnels change state within
+        the same few seconds, and each kept its own copy (0.3 MB at 5000 tunnels). Bounded: the
+        memo is dropped when it grows, and the strings live on in `_wanted` as long as needed."""
+        second = int(moment)  # what _iso shows of it
+        text = self._iso_of.get(second)
+        if text is None:
+            if len(self._iso_of) > 256:
+                self._iso_of = {}
+            text = self._iso_of[second] = _iso(moment)
+        return text
 
     def _rows_to_check(self, changed: set[str] | None) -> list[tuple[object, str, Mapping[str, str]]]:
         """Only rows the IDL saw change and rows of tunnels whose status changed (None: every
