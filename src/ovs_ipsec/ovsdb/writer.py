@@ -307,9 +307,9 @@ class InterfaceStatusWriter:
         if not self._idl.has_ever_connected():
             return
         deadline = time.monotonic() + timeout
-        while self._pending is not None and time.monotonic() < deadline:
-            self._block(deadline)
-        self._backlog = ()
+        # No need to wait for a request in flight: the server answers a session's requests in
+        # order, so a write in flight lands before the clear; its reply is simply not awaited.
+        self._backlog, self._read_so_far, self._to_read = (), None, []
         while not self._session.is_connected() and time.monotonic() < deadline:
             self._block(deadline)
         self._send([clear_op(), {"op": "comment", "comment": COMMENT}], ())
@@ -360,8 +360,9 @@ class InterfaceStatusWriter:
         self._send([select_op(uuid) for uuid in self._reading], None)
 
     def _read(self, result: list) -> None:
+        if self._read_so_far is None:
+            return  # a read given up (`clear`)
         try:
-            assert self._read_so_far is not None
             self._read_so_far.update(owned_keys_from_select(self._reading, result))
         except ValueError as exc:
             self._failed(str(exc))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from ovs_ipsec.model import TunnelState
 from ovs_ipsec.ovsdb.writer import OWNED_KEYS, RowWrite, plan_writes, status_keys
 from ovs_ipsec.status.snapshot import ReconcileStats, TunnelStatus
@@ -46,6 +48,23 @@ def test_rows_sharing_a_name_each_get_the_keys():
     wanted = {"ovn-ch2-0": status_keys(status("ovn-ch2-0"))}
     writes = plan_writes(wanted, [("old", "ovn-ch2-0", {}), ("new", "ovn-ch2-0", {})])
     assert [w.uuid for w in writes] == ["old", "new"]
+
+
+def test_a_row_write_is_one_mutate_of_our_keys_and_a_read_keeps_only_ours():
+    from ovs_ipsec.ovsdb.writer import mutate_op, owned_keys_from_select
+
+    op = mutate_op(RowWrite("6a2f0d6e-0000-4000-8000-000000000001", "gre0",
+                            set_keys=(("ipsec_state", "error"),), delete_keys=("ipsec_reason",)))
+    assert op["where"] == [["_uuid", "==", ["uuid", "6a2f0d6e-0000-4000-8000-000000000001"]]]
+    assert op["mutations"] == [["external_ids", "delete", ["set", ["ipsec_reason", "ipsec_state"]]],
+                               ["external_ids", "insert", ["map", [["ipsec_state", "error"]]]]]
+    reply = [{"rows": [{"external_ids": ["map", [["ipsec_state", "loaded"], ["ovn-chassis-id", "ch2"]]]}]},
+             {"rows": [{"external_ids": ["map", [["iface-id", "lsp1"]]]}]},
+             {"rows": []}]  # deleted meanwhile
+    assert owned_keys_from_select(["u1", "u2", "u3"], reply) == {"u1": {"ipsec_state": "loaded"}}
+    for hostile in ([{"rows": [{"external_ids": 5}]}], [{"error": "x"}], None, [{"rows": [{}]}]):
+        with pytest.raises(ValueError):
+            owned_keys_from_select(["u1"], hostile)
 
 
 # -- against a real ovsdb-server: the incremental write-back ends where a full one would ---------
