@@ -73,7 +73,7 @@ class Monitor:
         # Observability: the status write-back (woken through `wakeup`, which the worker
         # notifies on each new snapshot) and the optional metrics listener.
         self._wakeup = wakeup or Wakeup()
-        self._status_writer = InterfaceStatusWriter(reader.idl)
+        self._status_writer = InterfaceStatusWriter(reader.idl, reader.remote)
         self._metrics_server = metrics_server
         self._register_commands()
         # Mode 0700 whatever the daemon's umask: anyone who can connect can call `exit`.
@@ -113,6 +113,7 @@ class Monitor:
             if self._cleanup_on_exit:
                 self._status_writer.clear()  # the connections are gone: so is their status
             self._server.close()
+            self._status_writer.close()
             self._reader.close()
             self._wakeup.close()
 

@@ -10,21 +10,18 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import types
 
 import ovs.db.idl
 import ovs.poller
 
 from ..errors import OvsIpsecError
-from ..model import USERSPACE_DATAPATH, ChangeLog, DesiredState, GlobalConfig, InterfaceRow
-from .writer import SINCE_KEY, STATE_KEY
+from ..model import USERSPACE_DATAPATH, ChangeLog, DesiredState, GlobalConfig, InterfaceRow, TunnelType
 
+# Not external_ids, where the status writer (ovsdb/writer.py) keeps our keys: it remembers what it
+# wrote rather than have the replica hold N rows of it, and every write-back come back as an update.
 INTERFACE_COLUMNS = ["name", "type", "options", "ofport", "cfm_fault"]
-# Replicated for the status writer (ovsdb/writer.py), which must see what it would change. Changes
-# to it alone are not changes to the desired state: they neither count nor mark a row dirty.
-WRITE_BACK_COLUMNS = frozenset({"external_ids"})
-# Status keys written back for every tunnel with a handful of distinct values (the state, the
-# second it began): their values are worth sharing too.
-SHARED_VALUE_KEYS = frozenset({STATE_KEY, SINCE_KEY})
+TUNNEL_TYPES = frozenset(kind.value for kind in TunnelType)
 OPEN_VSWITCH_COLUMNS = ["other_config"]
 # Which bridge holds each Interface, and that bridge's datapath: a tunnel on the userspace datapath
 # is beyond kernel IPsec (model.USERSPACE_DATAPATH).
@@ -89,39 +86,55 @@ class _TrackingIdl(ovs.db.idl.Idl):
     def __init__(self, remote: str, schema_helper: ovs.db.idl.SchemaHelper) -> None:
         super().__init__(remote, schema_helper)
         self.changed_interfaces: set = set()
-        # Every Interface row touched in any way (write-back included, deletions too), for the
-        # status writer, which then looks at those rows only.
+        # Every Interface row touched in any way (deletions too), for the status writer, which
+        # then looks at those rows only.
         self.touched_interfaces: set = set()
-        self.write_back_changes = 0  # of change_seqno's increments, those that touched only WRITE_BACK_COLUMNS
         self.topology_changed = True  # a Bridge or Port changed: which datapath holds which Interface
+        self.shared_types: dict = {}  # Interface type -> the one Datum every row of that type holds
+        # What an Interface row holds for a transaction of this IDL: none, ever (the status writer
+        # has its own session). python-ovs gives each row three empty dicts for that, 1 MB at
+        # 5000 rows; they share one that cannot be written, so a transaction would fail loudly.
+        self.no_transaction: types.MappingProxyType = types.MappingProxyType({})
 
     def notify(self, event, row, updates=None):  # noqa: D401 - python-ovs hook
         if row._table.name in ("Bridge", "Port"):
             self.topology_changed = True
         elif row._table.name == "Interface":
             self.touched_interfaces.add(row.uuid)
+            if event == ovs.db.idl.ROW_CREATE:
+                for slot in ("_changes", "_mutations", "_prereqs"):
+                    row.__dict__[slot] = self.no_transaction
             if event != ovs.db.idl.ROW_DELETE:
                 _share_repeated_strings(row)
-            if event == ovs.db.idl.ROW_UPDATE and updates is not None and updates._data \
-                    and set(updates._data) <= WRITE_BACK_COLUMNS:
-                self.write_back_changes += 1
-                return
+                _share_type(row, self.shared_types)
             self.changed_interfaces.add(row.uuid)
 
 
 def _share_repeated_strings(row) -> None:
-    """Make the strings every tunnel row repeats (its type, the map keys, our status values) one
-    object each. The JSON parser makes a new str for every occurrence: at 5000 tunnels those
-    copies were 3 MB of the replica. Values that differ per row (names, addresses, secrets) are
-    left alone; interning changes neither a string's value nor its hash, only its identity."""
-    for column in ("type", "options", "external_ids"):
+    """Make the strings every tunnel row repeats (its type, the option names) one object each.
+    The JSON parser makes a new str for every occurrence: at 5000 tunnels those copies were 3 MB
+    of the replica. Values that differ per row (names, addresses, secrets) are left alone;
+    interning changes neither a string's value nor its hash, only its identity."""
+    for column in ("type", "options"):
         datum = row._data.get(column)
         if datum is None:
             continue
-        for key, value in datum.values.items():
+        for key in datum.values:
             key.value = sys.intern(key.value)
-            if column == "external_ids" and value is not None and key.value in SHARED_VALUE_KEYS:
-                value.value = sys.intern(value.value)
+
+
+def _share_type(row, shared: dict) -> None:
+    """Make every row of one type hold the same `type` Datum: a Datum, its dict and its Atom are
+    about 300 bytes, 1.5 MB of the replica at 5000 tunnels, all equal. Safe because `type` is a
+    scalar that is never empty: python-ovs changes such a Datum by replacing it (Datum.diff
+    returns the new one), never in place as it does sets, maps and empty optionals. Tunnel types
+    only: any other string a writer puts there would stay in `shared` for ever."""
+    datum = row._data.get("type")
+    if datum is None or datum.type.n_min != 1 or datum.type.n_max != 1 or len(datum.values) != 1:
+        return
+    (atom,) = datum.values
+    if atom.value in TUNNEL_TYPES:
+        row._data["type"] = shared.setdefault(atom.value, datum)
 
 
 class OvsdbReader:
@@ -129,10 +142,11 @@ class OvsdbReader:
 
     def __init__(self, remote: str) -> None:
         helper = ovs.db.idl.SchemaHelper(schema_json=fetch_schema(remote))
-        helper.register_columns("Interface", INTERFACE_COLUMNS + sorted(WRITE_BACK_COLUMNS))
+        helper.register_columns("Interface", INTERFACE_COLUMNS)
         helper.register_columns("Open_vSwitch", OPEN_VSWITCH_COLUMNS)
         helper.register_columns("Bridge", BRIDGE_COLUMNS)
         helper.register_columns("Port", PORT_COLUMNS)
+        self.remote = remote
         self._idl = _TrackingIdl(remote, helper)
         # Only netdev bridges and their ports are replicated (monitor_cond): on a kernel-datapath
         # host the Bridge and Port rows of N tunnels would cost a quarter of the monitor's memory.
@@ -155,7 +169,7 @@ class OvsdbReader:
         ports = self._idl.tables["Port"].condition_state
         if ports.new is not None or ports.requested is not None:
             return False
-        return self._idl.has_ever_connected() and self._relevant_seqno() != self._seen_seqno
+        return self._idl.has_ever_connected() and self._idl.change_seqno != self._seen_seqno
 
     def _netdev_ports(self) -> set:
         """The UUIDs of the netdev bridges' ports, from the references themselves: the rows they
@@ -170,9 +184,6 @@ class OvsdbReader:
         """The live IDL, for the status writer in this same (main) thread."""
         return self._idl
 
-    def _relevant_seqno(self) -> int:
-        return self._idl.change_seqno - self._idl.write_back_changes
-
     def wait(self, poller: ovs.poller.Poller) -> None:
         self._idl.wait(poller)
 
@@ -182,7 +193,7 @@ class OvsdbReader:
     def snapshot(self) -> DesiredState:
         """The rows as of now: the previous snapshot's rows with those the IDL reported changed
         converted again, and which keys changed (the snapshot's ChangeLog)."""
-        self._seen_seqno = self._relevant_seqno()
+        self._seen_seqno = self._idl.change_seqno
         changed, self._idl.changed_interfaces = self._idl.changed_interfaces, set()
         if self._idl.topology_changed:
             self._idl.topology_changed = False

@@ -13,25 +13,33 @@ writes its own keys there (`ovn-installed`, `ovn-installed-ts` on VIFs; `ovn-cha
 Port and, in newer releases, on the tunnel Interface when it creates it) and never an `ipsec_*`
 key; ovs-vswitchd only reads the column.
 
-Never fighting other writers: every write is a partial map mutation of our three keys only
-(`Row.setkey` / `Row.delkey` become `mutate` operations), never a write of the whole column, so
-keys written by anyone else are untouched even when they change in the same instant. A value is
-written only when it differs from what the database holds. The keys go away when the tunnel is
-removed (with its row), when it stops being an IPsec tunnel, and when the monitor exits with
-cleanup (its connections are gone then too).
+Never fighting other writers: every write is a partial map mutation of our keys only (an OVSDB
+`mutate`: `delete` of the keys, then `insert` of their new values, where `_uuid` is the row), never
+a write of the whole column, so keys written by anyone else are untouched even when they change in
+the same instant. A value is written only when it differs from what the row holds. The keys go
+away when the tunnel is removed (with its row), when it stops being an IPsec tunnel, and when the
+monitor exits with cleanup (its connections are gone then too).
 
-Pure core: `status_keys()` and `plan_writes()`. Adapter: `InterfaceStatusWriter`, which runs in the
-main thread, the only one that touches the IDL.
+The IDL does not replicate `external_ids` (ovsdb/reader.py): at 5000 tunnels the column and the
+echo of every write cost the replica megabytes, for keys we wrote ourselves. The writer remembers
+what it wrote, and reads our keys from the server (one `select`) only when it cannot know them: at
+start (a previous run's keys), after a failed write or a reconnection, and at each full resync
+(keys someone else changed are put right then, not at once as when the column was replicated).
+It has its own JSON-RPC session, since python-ovs transactions need the column replicated.
+
+Pure core: `status_keys()`, `plan_writes()`, `mutate_op()`, `owned_keys_from_select()`. Adapter:
+`InterfaceStatusWriter`, which runs in the main thread, the only one that touches the IDL.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import ovs.db.idl
+import ovs.jsonrpc
 import ovs.poller
 
 from ..index import add_member, discard_member
@@ -50,6 +58,7 @@ STATE_KEY, REASON_KEY, SINCE_KEY = "ipsec_state", "ipsec_reason", "ipsec_since"
 LAST_GOOD_KEY = "ipsec_last_good_since"  # while invalid: since when the last good configuration is kept
 OWNED_KEYS = (STATE_KEY, REASON_KEY, SINCE_KEY, LAST_GOOD_KEY)
 COLUMN = "external_ids"
+COMMENT = "ovs-monitor-ipsec: tunnel IPsec status"  # in ovsdb-server's log, as upstream's writes
 
 
 @dataclass(frozen=True)
@@ -62,14 +71,15 @@ class RowWrite:
     delete_keys: tuple[str, ...]
 
 
-def status_keys(tunnel: TunnelStatus) -> dict[str, str]:
+def status_keys(tunnel: TunnelStatus, iso: Callable[[float], str] | None = None) -> dict[str, str]:
+    iso = iso or _iso
     keys = {STATE_KEY: tunnel.state.value}
     if tunnel.reason:
         keys[REASON_KEY] = tunnel.reason
     if tunnel.since is not None:
-        keys[SINCE_KEY] = _iso(tunnel.since)
+        keys[SINCE_KEY] = iso(tunnel.since)
     if tunnel.last_good_since is not None:
-        keys[LAST_GOOD_KEY] = _iso(tunnel.last_good_since)
+        keys[LAST_GOOD_KEY] = iso(tunnel.last_good_since)
     return keys
 
 
@@ -77,9 +87,9 @@ def _iso(moment: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
-def wanted_keys(snapshot: StatusSnapshot) -> dict[str, dict[str, str]]:
+def wanted_keys(snapshot: StatusSnapshot, iso: Callable[[float], str] | None = None) -> dict[str, dict[str, str]]:
     """Tunnel name -> the keys its Interface row should carry."""
-    return {name: status_keys(tunnel) for name, tunnel in snapshot.statuses.items()}
+    return {name: status_keys(tunnel, iso) for name, tunnel in snapshot.statuses.items()}
 
 
 def plan_writes(wanted: Mapping[str, Mapping[str, str]],
@@ -103,23 +113,76 @@ def plan_writes(wanted: Mapping[str, Mapping[str, str]],
     return tuple(writes)
 
 
+def mutate_op(write: RowWrite) -> dict:
+    """The OVSDB operation for one row: drop the keys it deletes or sets, insert the new values.
+    Mutations apply in order, so this is `Row.setkey`/`delkey` as one operation; a row deleted
+    meanwhile matches nothing (count 0), which is no error."""
+    drop = list(write.delete_keys) + [key for key, _ in write.set_keys]
+    mutations: list = [[COLUMN, "delete", ["set", drop]]]
+    if write.set_keys:
+        mutations.append([COLUMN, "insert", ["map", [[key, value] for key, value in write.set_keys]]])
+    return {"op": "mutate", "table": "Interface", "where": [["_uuid", "==", ["uuid", str(write.uuid)]]],
+            "mutations": mutations}
+
+
+def clear_op() -> dict:
+    """Our keys off every row, in one operation (the monitor exits with cleanup)."""
+    return {"op": "mutate", "table": "Interface", "where": [],
+            "mutations": [[COLUMN, "delete", ["set", list(OWNED_KEYS)]]]}
+
+
+def select_op(uuid: object) -> dict:
+    """One row's external_ids. A row at a time, in chunks, rather than one select of the table:
+    the reply is parsed whole, and at 5000 rows that one reply made 4 MB of objects at once."""
+    return {"op": "select", "table": "Interface", "where": [["_uuid", "==", ["uuid", str(uuid)]]],
+            "columns": [COLUMN]}
+
+
+def owned_keys_from_select(uuids: Iterable[object], result: object) -> dict[object, dict[str, str]]:
+    """The reply to `select_op` of each of `uuids` -> our keys each row holds (rows without any,
+    or gone, left out). Other writers' keys are dropped here; what is kept is only ever compared
+    with what we want, never used. Raises ValueError when the reply is not what a select answers."""
+    try:
+        held = {}
+        for uuid, reply in zip(uuids, result, strict=True):  # type: ignore[call-overload]
+            for row in reply["rows"]:
+                kind, pairs = row[COLUMN]
+                ours = {key: value for key, value in (pairs if kind == "map" else [])
+                        if key in OWNED_KEYS and isinstance(value, str)}
+                if ours:
+                    held[uuid] = ours
+        return held
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"unexpected select reply: {type(exc).__name__}") from exc
+
+
 class InterfaceStatusWriter:
     """Keeps our external_ids keys equal to the last published status; main thread only.
 
     `run()` is called on every main-loop iteration. It does nothing unless a new snapshot was
-    published or the database changed since it last looked, and it keeps at most one transaction
-    in flight: a newer status simply waits for the current write to finish, then is compared again.
+    published or the database changed since it last looked, and it keeps at most one request in
+    flight: a newer status simply waits for the current write to finish, then is compared again.
     """
 
-    def __init__(self, idl: ovs.db.idl.Idl, chunk: int = WRITE_CHUNK) -> None:
+    def __init__(self, idl: ovs.db.idl.Idl, remote: str, chunk: int = WRITE_CHUNK) -> None:
         self._idl = idl
+        self._session = ovs.jsonrpc.Session.open(remote)
+        self._session_seqno = self._session.get_seqno()
         self._chunk = chunk
-        self._txn: ovs.db.idl.Transaction | None = None
+        # The request in flight: its id, and the rows it writes (uuid, keys after it) or reads.
+        self._pending: tuple[object, tuple[tuple[object, Mapping[str, str]], ...] | None] | None = None
+        self._reading: tuple = ()  # the rows a read in flight asks for
+        # Our keys as each row holds them (rows with none left out), as read or written by us;
+        # None: not known, read them first. The values are `_wanted`'s own dicts where they match.
+        self._held: dict | None = None
+        self._to_read: list = []  # rows whose keys are still to be read into `_read_so_far`
+        self._read_so_far: dict | None = None
         self._looked_at: tuple[StatusSnapshot, int] | None = None
         self._wanted: dict[str, dict[str, str]] = {}  # what the last look asked for, per tunnel
         self._seen_changes: ChangeLog | None = None  # the ChangeLog of the snapshot `_wanted` is from
         self._names: dict = {}  # Interface uuid -> name, kept for the rows the IDL reported touched
         self._uuids_of: dict[str, tuple] = {}  # the reverse: name -> uuids (see index.py)
+        self._iso_of: dict[int, str] = {}  # see `_shared_iso`
         self._last_full_resync: float | None = None
         self._full_scan = True  # look at every row: first run, after a failed write, on a resync
         self._backlog: tuple[RowWrite, ...] = ()  # planned for `_backlog_of`, beyond the first chunk
@@ -127,7 +190,8 @@ class InterfaceStatusWriter:
         self.writes = 0  # transactions committed, for tests and debugging
 
     def run(self, snapshot: StatusSnapshot) -> None:
-        if self._txn is not None and not self._finish_commit():
+        self._pump()
+        if self._pending is not None:
             return
         if self._backlog:
             if snapshot is self._backlog_of:
@@ -135,7 +199,7 @@ class InterfaceStatusWriter:
                 return
             # A newer status: compare every row with it instead of writing what is left.
             self._backlog, self._full_scan = (), True
-        if snapshot.taken_at is None or not self._idl.has_ever_connected():
+        if snapshot.taken_at is None or not self._idl.has_ever_connected() or not self._session.is_connected():
             # Before the first status, an empty one would erase what the previous run wrote and
             # that is still true (connections survive `exit --no-cleanup`).
             return
@@ -145,17 +209,23 @@ class InterfaceStatusWriter:
         self._looked_at = (snapshot, self._idl.change_seqno)
         if snapshot.reconcile.last_full_resync != self._last_full_resync:
             # The daemon's periodic full look: also repair keys changed behind our back.
-            self._last_full_resync, self._full_scan = snapshot.reconcile.last_full_resync, True
+            self._last_full_resync, self._full_scan, self._held = snapshot.reconcile.last_full_resync, True, None
+        if self._held is None:
+            self._full_scan = True
+            self._read_next()
+            return
         changed = self._update_wanted(snapshot)
         writes = plan_writes(self._wanted, self._rows_to_check(changed))
         if writes:
             self._write(writes, snapshot)
 
     def _write(self, writes: tuple[RowWrite, ...], snapshot: StatusSnapshot) -> None:
-        """Start a transaction with the first `chunk` rows; keep the rest for the next runs."""
+        """Send the first `chunk` rows; keep the rest for the next runs."""
         self._backlog, self._backlog_of = writes[self._chunk:], snapshot
-        self._txn = self._start(writes[:self._chunk])
-        self._finish_commit()
+        first = writes[:self._chunk]
+        log.debug("writing IPsec status to %s", ", ".join(sorted({w.name for w in first})))
+        self._send([mutate_op(w) for w in first] + [{"op": "comment", "comment": COMMENT}],
+                   tuple((w.uuid, self._wanted.get(w.name, {})) for w in first))
 
     def _update_wanted(self, snapshot: StatusSnapshot) -> set[str] | None:
         """Bring `_wanted` to this snapshot, looking only at the tunnels whose status changed
@@ -164,7 +234,7 @@ class InterfaceStatusWriter:
         names = None if self._full_scan else snapshot.changes.since(self._seen_changes)
         self._seen_changes = snapshot.changes
         if names is None:
-            before, self._wanted = self._wanted, wanted_keys(snapshot)
+            before, self._wanted = self._wanted, wanted_keys(snapshot, self._shared_iso)
             if self._full_scan:
                 return None
             return {name for name in before.keys() | self._wanted.keys()
@@ -172,7 +242,7 @@ class InterfaceStatusWriter:
         changed = set()
         for name in names:
             status = snapshot.statuses.get(name)
-            keys = status_keys(status) if status is not None else None
+            keys = status_keys(status, self._shared_iso) if status is not None else None
             if keys != self._wanted.get(name):
                 changed.add(name)
                 if keys is None:
@@ -181,10 +251,24 @@ class InterfaceStatusWriter:
                     self._wanted[name] = keys
         return changed
 
+    def _shared_iso(self, moment: float) -> str:
+        """One string per second written: a bulk load's thousands of tunnels change state within
+        the same few seconds, and each kept its own copy (0.3 MB at 5000 tunnels). Bounded: the
+        memo is dropped when it grows, and the strings live on in `_wanted` as long as needed."""
+        second = int(moment)  # what _iso shows of it
+        text = self._iso_of.get(second)
+        if text is None:
+            if len(self._iso_of) > 256:
+                self._iso_of = {}
+            text = self._iso_of[second] = _iso(moment)
+        return text
+
     def _rows_to_check(self, changed: set[str] | None) -> list[tuple[object, str, Mapping[str, str]]]:
         """Only rows the IDL saw change and rows of tunnels whose status changed (None: every
         row): reading every row through the IDL's accessors would make a one-tunnel change cost
         O(N) in this thread."""
+        assert self._held is not None
+        held = self._held
         rows = self._idl.tables["Interface"].rows
         touched, self._idl.touched_interfaces = self._idl.touched_interfaces, set()
         if changed is None:
@@ -193,7 +277,12 @@ class InterfaceStatusWriter:
             self._uuids_of = {}
             for uuid, name in self._names.items():
                 add_member(self._uuids_of, name, uuid)
-            return list(self._rows())
+            for uuid in [uuid for uuid in held if uuid not in rows]:
+                del held[uuid]
+            for uuid, name in self._names.items():  # share the dicts of rows already right
+                if uuid in held and held[uuid] == self._wanted.get(name):
+                    held[uuid] = self._wanted[name]
+            return [(uuid, name, held.get(uuid, {})) for uuid, name in self._names.items()]
         for uuid in touched:
             row = rows.get(uuid)
             old = self._names.pop(uuid, None)
@@ -202,71 +291,109 @@ class InterfaceStatusWriter:
             if row is not None:
                 self._names[uuid] = row.name
                 add_member(self._uuids_of, row.name, uuid)
+            else:
+                held.pop(uuid, None)
         uuids = set(touched)
         for name in changed:
             uuids.update(self._uuids_of.get(name, ()))
-        return [(uuid, rows[uuid].name, rows[uuid].external_ids) for uuid in uuids if uuid in rows]
+        return [(uuid, self._names[uuid], held.get(uuid, {})) for uuid in uuids if uuid in self._names]
 
     def wait(self, poller: ovs.poller.Poller) -> None:
-        if self._txn is not None:
-            self._txn.wait(poller)
+        self._session.wait(poller)
+        self._session.recv_wait(poller)
 
     def clear(self, timeout: float = 3.0) -> None:
         """Remove our keys from every row (the monitor exits and takes its connections along)."""
         if not self._idl.has_ever_connected():
             return
         deadline = time.monotonic() + timeout
-        while self._txn is not None and not self._finish_commit() and time.monotonic() < deadline:
+        # No need to wait for a request in flight: the server answers a session's requests in
+        # order, so a write in flight lands before the clear; its reply is simply not awaited.
+        self._backlog, self._read_so_far, self._to_read = (), None, []
+        while not self._session.is_connected() and time.monotonic() < deadline:
             self._block(deadline)
-        writes = plan_writes({}, self._rows())
-        if not writes:
+        self._send([clear_op(), {"op": "comment", "comment": COMMENT}], ())
+        while self._pending is not None and time.monotonic() < deadline:
+            self._block(deadline)
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- JSON-RPC plumbing -------------------------------------------------------------------------
+
+    def _send(self, ops: list, rows: tuple[tuple[object, Mapping[str, str]], ...] | None) -> None:
+        request = ovs.jsonrpc.Message.create_request("transact", ["Open_vSwitch", *ops])
+        if self._session.send(request):
+            self._failed("the request could not be sent")
             return
-        self._txn = self._start(writes)
-        while not self._finish_commit() and time.monotonic() < deadline:
-            self._block(deadline)
+        self._pending = (request.id, rows)
 
-    # -- IDL plumbing ----------------------------------------------------------------------------
-
-    def _rows(self) -> Iterable[tuple[object, str, Mapping[str, str]]]:
-        for uuid, row in self._idl.tables["Interface"].rows.items():
-            yield uuid, row.name, row.external_ids
-
-    def _start(self, writes: tuple[RowWrite, ...]) -> ovs.db.idl.Transaction:
-        txn = ovs.db.idl.Transaction(self._idl)
-        txn.add_comment("ovs-monitor-ipsec: tunnel IPsec status")
-        rows = self._idl.tables["Interface"].rows
-        for write in writes:
-            row = rows.get(write.uuid)
-            if row is None:
+    def _pump(self) -> None:
+        """Run the session and take in the reply to the request in flight, if it came."""
+        self._session.run()
+        if self._session.get_seqno() != self._session_seqno:
+            # Connected again (or lost): whatever was in flight may or may not have happened.
+            self._session_seqno = self._session.get_seqno()
+            if self._pending is not None or self._held is not None:
+                self._failed("the connection to the database was reset")
+        while (message := self._session.recv()) is not None:
+            if self._pending is None or message.id != self._pending[0]:
                 continue
-            for key in write.delete_keys:
-                row.delkey(COLUMN, key)
-            for key, value in write.set_keys:
-                row.setkey(COLUMN, key, value)  # a delete-then-insert of this key only
-        log.debug("writing IPsec status to %s", ", ".join(sorted({w.name for w in writes})))
-        return txn
+            rows = self._pending[1]
+            self._pending = None
+            if message.type != ovs.jsonrpc.Message.T_REPLY or not isinstance(message.result, list):
+                self._failed("the database refused the request")
+            elif rows is None:
+                self._read(message.result)
+            else:
+                self._written(message.result, rows)
 
-    def _finish_commit(self) -> bool:
-        """Advance the transaction in flight; true once there is none."""
-        assert self._txn is not None
-        status = self._txn.commit()
-        if status == ovs.db.idl.Transaction.INCOMPLETE:
-            return False
-        if status in (ovs.db.idl.Transaction.SUCCESS, ovs.db.idl.Transaction.UNCHANGED):
-            self.writes += status == ovs.db.idl.Transaction.SUCCESS
-        else:
-            # TRY_AGAIN (the connection dropped) or an error: look again on the next run.
-            log.debug("status write ended with %s; will compare again", status)
-            self._looked_at = None
-            self._full_scan = True
-            self._backlog = ()
-        self._txn = None
-        return True
+    def _read_next(self) -> None:
+        """Ask for the keys of the next chunk of rows; once all are in, they are `_held`."""
+        if self._read_so_far is None:
+            self._read_so_far, self._to_read = {}, list(self._idl.tables["Interface"].rows)
+        if not self._to_read:
+            self._held, self._read_so_far = self._read_so_far, None
+            self._looked_at = None  # look again now that the rows' keys are known
+            return
+        self._reading, self._to_read = tuple(self._to_read[:self._chunk]), self._to_read[self._chunk:]
+        self._send([select_op(uuid) for uuid in self._reading], None)
+
+    def _read(self, result: list) -> None:
+        if self._read_so_far is None:
+            return  # a read given up (`clear`)
+        try:
+            self._read_so_far.update(owned_keys_from_select(self._reading, result))
+        except ValueError as exc:
+            self._failed(str(exc))
+            return
+        self._read_next()
+
+    def _written(self, result: list, rows: tuple[tuple[object, Mapping[str, str]], ...]) -> None:
+        if any(not isinstance(op, dict) or "error" in op for op in result):
+            self._failed("the write failed")
+            return
+        self.writes += 1
+        if self._held is None:
+            return
+        for (uuid, keys), op in zip(rows, result, strict=False):
+            if keys and op.get("count") == 1:
+                self._held[uuid] = keys
+            else:  # keys removed, or the row is gone
+                self._held.pop(uuid, None)
+
+    def _failed(self, why: str) -> None:
+        """Compare every row again, with our keys read afresh, on the next run."""
+        log.debug("status write-back: %s; will read and compare again", why)
+        self._pending = None
+        self._held = self._read_so_far = None
+        self._looked_at = None
+        self._full_scan = True
+        self._backlog = ()
 
     def _block(self, deadline: float) -> None:
-        self._idl.run()
+        self._pump()
         poller = ovs.poller.Poller()
-        self._idl.wait(poller)
         self.wait(poller)
         poller.timer_wait(max(0, int((deadline - time.monotonic()) * 1000)))
         poller.block()

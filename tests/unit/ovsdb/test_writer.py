@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from ovs_ipsec.model import TunnelState
 from ovs_ipsec.ovsdb.writer import OWNED_KEYS, RowWrite, plan_writes, status_keys
-from ovs_ipsec.status.snapshot import TunnelStatus
+from ovs_ipsec.status.snapshot import ReconcileStats, TunnelStatus
 
 
 def status(name="gnv0", state=TunnelState.ESTABLISHED, reason=None, since=86400.0):
@@ -46,6 +50,23 @@ def test_rows_sharing_a_name_each_get_the_keys():
     assert [w.uuid for w in writes] == ["old", "new"]
 
 
+def test_a_row_write_is_one_mutate_of_our_keys_and_a_read_keeps_only_ours():
+    from ovs_ipsec.ovsdb.writer import mutate_op, owned_keys_from_select
+
+    op = mutate_op(RowWrite("6a2f0d6e-0000-4000-8000-000000000001", "gre0",
+                            set_keys=(("ipsec_state", "error"),), delete_keys=("ipsec_reason",)))
+    assert op["where"] == [["_uuid", "==", ["uuid", "6a2f0d6e-0000-4000-8000-000000000001"]]]
+    assert op["mutations"] == [["external_ids", "delete", ["set", ["ipsec_reason", "ipsec_state"]]],
+                               ["external_ids", "insert", ["map", [["ipsec_state", "error"]]]]]
+    reply = [{"rows": [{"external_ids": ["map", [["ipsec_state", "loaded"], ["ovn-chassis-id", "ch2"]]]}]},
+             {"rows": [{"external_ids": ["map", [["iface-id", "lsp1"]]]}]},
+             {"rows": []}]  # deleted meanwhile
+    assert owned_keys_from_select(["u1", "u2", "u3"], reply) == {"u1": {"ipsec_state": "loaded"}}
+    for hostile in ([{"rows": [{"external_ids": 5}]}], [{"error": "x"}], None, [{"rows": [{}]}]):
+        with pytest.raises(ValueError):
+            owned_keys_from_select(["u1"], hostile)
+
+
 # -- against a real ovsdb-server: the incremental write-back ends where a full one would ---------
 
 def _pump(reader, writer, snapshot, until, timeout=5.0):
@@ -81,7 +102,7 @@ def test_only_changed_statuses_are_written_and_the_result_is_a_full_write_back(t
             table = json.loads(db.vsctl("--format=json", "--columns=external_ids", "list", "interface", name))
             return {k: v for k, v in table["data"][0][0][1] if k in OWNED_KEYS}
 
-        writer = InterfaceStatusWriter(reader.idl)
+        writer = InterfaceStatusWriter(reader.idl, reader.remote)
         log = ChangeLog.start()
         statuses = {n: status(n, TunnelState.LOADED, since=1000.0) for n in "abc"}
         log = log.advance(statuses.keys())
@@ -96,15 +117,80 @@ def test_only_changed_statuses_are_written_and_the_result_is_a_full_write_back(t
         _pump(reader, writer, second, lambda: ours("b") == status_keys(statuses["b"]) and ours("c") == {})
         assert writer.writes == writes + 1 and ours("a") == status_keys(statuses["a"])
 
-        # someone else edits our key on a: the row is touched, so it is put right again
-        db.vsctl("set", "interface", "a", "external_ids:ipsec_state=established")
-        _pump(reader, writer, second, lambda: ours("a") == status_keys(statuses["a"]))
+        # someone else edits our key on a: put right at the next full resync, which reads our
+        # keys afresh (the replica has no external_ids); their own key on a is left alone
+        db.vsctl("set", "interface", "a", "external_ids:ipsec_state=established", "external_ids:owner=them")
+        resynced = dataclasses.replace(second, reconcile=ReconcileStats(last_full_resync=1020.0))
+        _pump(reader, writer, resynced, lambda: ours("a") == status_keys(statuses["a"]))
+        assert db.vsctl("get", "interface", "a", "external_ids:owner").strip().strip('"') == "them"
 
         # a fresh writer comparing every row finds nothing to write
-        fresh = InterfaceStatusWriter(reader.idl)
+        fresh = InterfaceStatusWriter(reader.idl, reader.remote)
         reader.run()
-        fresh.run(second)
+        _pump(reader, fresh, second, lambda: fresh._held is not None and fresh._pending is None)
         assert fresh.writes == 0
+        fresh.close()
+
+        # the monitor leaves with cleanup: our keys go from every row, theirs stay
+        writer.clear()
+        assert all(ours(n) == {} for n in "abc")
+        assert db.vsctl("get", "interface", "a", "external_ids:owner").strip().strip('"') == "them"
+        writer.close()
+    finally:
+        reader.close()
+        db.stop()
+
+
+def test_a_restart_removes_stale_keys_and_a_row_deleted_meanwhile_is_no_error(tmp_path):
+    import json
+    import time
+
+    from testsupport.ovsdb import Ovsdb
+    from ovs_ipsec.model import ChangeLog, GlobalConfig
+    from ovs_ipsec.ovsdb.reader import OvsdbReader
+    from ovs_ipsec.ovsdb.writer import InterfaceStatusWriter
+    from ovs_ipsec.status.snapshot import StatusSnapshot
+
+    db = Ovsdb(tmp_path)
+    db.start()
+    reader = OvsdbReader(db.remote)
+    try:
+        for name in ("a", "b", "gone"):
+            db.vsctl("add-port", "br-ipsec", name, "--", "set", "interface", name, "type=geneve",
+                     "options:remote_ip=10.0.0.2", "options:psk=x")
+        # What a previous run left: b is no tunnel of ours any more; a's state is stale. Next to
+        # them, keys of other writers.
+        db.vsctl("set", "interface", "a", "external_ids:ipsec_state=established", "external_ids:ipsec_reason=old",
+                 "external_ids:ovn-chassis-id=ch2")
+        db.vsctl("set", "interface", "b", "external_ids:ipsec_state=error", "external_ids:ipsec_since=x",
+                 "external_ids:iface-id=lsp1")
+
+        def ids(name):
+            table = json.loads(db.vsctl("--format=json", "--columns=external_ids", "list", "interface", name))
+            return dict(table["data"][0][0][1])
+
+        writer = InterfaceStatusWriter(reader.idl, reader.remote)
+        statuses = {n: status(n, TunnelState.LOADED, since=1000.0) for n in ("a", "gone")}
+        snapshot = StatusSnapshot(statuses, GlobalConfig(), None, 1000.0,
+                                  changes=ChangeLog.start().advance(statuses.keys()))
+        # "gone" is deleted after the IDL saw it and before the write reaches the server: the
+        # writer (whose IDL is not run meanwhile) writes to a row that is no more
+        deadline = time.monotonic() + 5
+        while not any(row.name == "gone" for row in reader.idl.tables["Interface"].rows.values()) \
+                and time.monotonic() < deadline:
+            reader.run()
+            time.sleep(0.01)
+        db.vsctl("del-port", "br-ipsec", "gone")
+        while writer.writes == 0 and time.monotonic() < deadline:
+            writer.run(snapshot)
+            time.sleep(0.01)
+        assert writer.writes == 1 and writer._held is not None
+        # the IDL still has the row: the write went to a row the server no longer held
+        assert any(row.name == "gone" for row in reader.idl.tables["Interface"].rows.values())
+        _pump(reader, writer, snapshot,
+              lambda: ids("a") == {"ovn-chassis-id": "ch2", **status_keys(statuses["a"])}
+              and ids("b") == {"iface-id": "lsp1"})
+        writer.close()
     finally:
         reader.close()
         db.stop()
@@ -134,7 +220,7 @@ def test_a_bulk_write_back_goes_in_chunks_and_a_newer_status_replaces_what_is_le
             return {row[0]: {k: v for k, v in row[1][1] if k in OWNED_KEYS} for row in table["data"]
                     if row[0] in names}
 
-        writer = InterfaceStatusWriter(reader.idl, chunk=2)
+        writer = InterfaceStatusWriter(reader.idl, reader.remote, chunk=2)
         log = ChangeLog.start()
         statuses = {n: status(n, TunnelState.LOADED, since=1000.0) for n in names}
         log = log.advance(statuses.keys())
