@@ -176,7 +176,8 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
          scope: Collection[str] | None = None, wanted_secrets: AbstractSet[str] | None = None,
          make_before_break: bool = False) -> tuple[Action, ...]:
     """Actions for the connections in scope (None: all): removals, then loads, then initiations
-    (every connection and secret of the batch is in place before the first IKE packet leaves, and
+    (removals last with `make_before_break`; every connection and secret of the batch is in place
+    before the first IKE packet leaves, and
     a backend that must reload its secrets does so once per batch, not once per tunnel).
 
     `make_before_break`: removals last, for an IKE daemon that keeps a kernel policy while any of
