@@ -177,8 +177,8 @@ def plan(desired: Mapping[str, Peering], observed: ObservedState, memory: Memory
          make_before_break: bool = False) -> tuple[Action, ...]:
     """Actions for the connections in scope (None: all): removals, then loads, then initiations
     (removals last with `make_before_break`; every connection and secret of the batch is in place
-    before the first IKE packet leaves, and
-    a backend that must reload its secrets does so once per batch, not once per tunnel).
+    before the first IKE packet leaves, and a backend that must reload its secrets does so once per
+    batch, not once per tunnel).
 
     `make_before_break`: removals last, for an IKE daemon that keeps a kernel policy while any of
     its connections uses it. A connection replaced by another (new parameters, new default
