@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import time
 
 import pytest
 
-from ovs_ipsec.model import TunnelState
-from ovs_ipsec.ovsdb.writer import OWNED_KEYS, RowWrite, plan_writes, status_keys
-from ovs_ipsec.status.snapshot import ReconcileStats, TunnelStatus
+from ovs_ipsec.model import ChangeLog, GlobalConfig, TunnelState
+from ovs_ipsec.ovsdb.reader import OvsdbReader
+from ovs_ipsec.ovsdb.writer import OWNED_KEYS, InterfaceStatusWriter, RowWrite, plan_writes, status_keys
+from ovs_ipsec.status.snapshot import ReconcileStats, StatusSnapshot, TunnelStatus
 
 
 def status(name="gnv0", state=TunnelState.ESTABLISHED, reason=None, since=86400.0):
@@ -69,8 +73,35 @@ def test_a_row_write_is_one_mutate_of_our_keys_and_a_read_keeps_only_ours():
 
 # -- against a real ovsdb-server: the incremental write-back ends where a full one would ---------
 
+@contextlib.contextmanager
+def _server_with_tunnels(tmp_path, *names):
+    """A real ovsdb-server with one Geneve tunnel per name, our reader on it, and `ids(name)`: that
+    row's external_ids as the server holds them."""
+    from testsupport.ovsdb import Ovsdb
+
+    db = Ovsdb(tmp_path)
+    db.start()
+    reader = OvsdbReader(db.remote)
+    try:
+        for name in names:
+            db.vsctl("add-port", "br-ipsec", name, "--", "set", "interface", name, "type=geneve",
+                     "options:remote_ip=10.0.0.2", "options:psk=x")
+
+        def ids(name):
+            table = json.loads(db.vsctl("--format=json", "--columns=external_ids", "list", "interface", name))
+            return dict(table["data"][0][0][1])
+
+        yield db, reader, ids
+    finally:
+        reader.close()
+        db.stop()
+
+
+def _ours(external_ids: dict) -> dict:
+    return {key: value for key, value in external_ids.items() if key in OWNED_KEYS}
+
+
 def _pump(reader, writer, snapshot, until, timeout=5.0):
-    import time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         reader.run()
@@ -82,25 +113,9 @@ def _pump(reader, writer, snapshot, until, timeout=5.0):
 
 
 def test_only_changed_statuses_are_written_and_the_result_is_a_full_write_back(tmp_path):
-    import json
-
-    from testsupport.ovsdb import Ovsdb
-    from ovs_ipsec.model import ChangeLog, GlobalConfig
-    from ovs_ipsec.ovsdb.reader import OvsdbReader
-    from ovs_ipsec.ovsdb.writer import InterfaceStatusWriter
-    from ovs_ipsec.status.snapshot import StatusSnapshot
-
-    db = Ovsdb(tmp_path)
-    db.start()
-    reader = OvsdbReader(db.remote)
-    try:
-        for name in ("a", "b", "c"):
-            db.vsctl("add-port", "br-ipsec", name, "--", "set", "interface", name, "type=geneve",
-                     "options:remote_ip=10.0.0.2", "options:psk=x")
-
+    with _server_with_tunnels(tmp_path, "a", "b", "c") as (db, reader, ids):
         def ours(name):
-            table = json.loads(db.vsctl("--format=json", "--columns=external_ids", "list", "interface", name))
-            return {k: v for k, v in table["data"][0][0][1] if k in OWNED_KEYS}
+            return _ours(ids(name))
 
         writer = InterfaceStatusWriter(reader.idl, reader.remote)
         log = ChangeLog.start()
@@ -136,39 +151,16 @@ def test_only_changed_statuses_are_written_and_the_result_is_a_full_write_back(t
         assert all(ours(n) == {} for n in "abc")
         assert db.vsctl("get", "interface", "a", "external_ids:owner").strip().strip('"') == "them"
         writer.close()
-    finally:
-        reader.close()
-        db.stop()
 
 
 def test_a_restart_removes_stale_keys_and_a_row_deleted_meanwhile_is_no_error(tmp_path):
-    import json
-    import time
-
-    from testsupport.ovsdb import Ovsdb
-    from ovs_ipsec.model import ChangeLog, GlobalConfig
-    from ovs_ipsec.ovsdb.reader import OvsdbReader
-    from ovs_ipsec.ovsdb.writer import InterfaceStatusWriter
-    from ovs_ipsec.status.snapshot import StatusSnapshot
-
-    db = Ovsdb(tmp_path)
-    db.start()
-    reader = OvsdbReader(db.remote)
-    try:
-        for name in ("a", "b", "gone"):
-            db.vsctl("add-port", "br-ipsec", name, "--", "set", "interface", name, "type=geneve",
-                     "options:remote_ip=10.0.0.2", "options:psk=x")
+    with _server_with_tunnels(tmp_path, "a", "b", "gone") as (db, reader, ids):
         # What a previous run left: b is no tunnel of ours any more; a's state is stale. Next to
         # them, keys of other writers.
         db.vsctl("set", "interface", "a", "external_ids:ipsec_state=established", "external_ids:ipsec_reason=old",
                  "external_ids:ovn-chassis-id=ch2")
         db.vsctl("set", "interface", "b", "external_ids:ipsec_state=error", "external_ids:ipsec_since=x",
                  "external_ids:iface-id=lsp1")
-
-        def ids(name):
-            table = json.loads(db.vsctl("--format=json", "--columns=external_ids", "list", "interface", name))
-            return dict(table["data"][0][0][1])
-
         writer = InterfaceStatusWriter(reader.idl, reader.remote)
         statuses = {n: status(n, TunnelState.LOADED, since=1000.0) for n in ("a", "gone")}
         snapshot = StatusSnapshot(statuses, GlobalConfig(), None, 1000.0,
@@ -191,34 +183,13 @@ def test_a_restart_removes_stale_keys_and_a_row_deleted_meanwhile_is_no_error(tm
               lambda: ids("a") == {"ovn-chassis-id": "ch2", **status_keys(statuses["a"])}
               and ids("b") == {"iface-id": "lsp1"})
         writer.close()
-    finally:
-        reader.close()
-        db.stop()
 
 
 def test_a_bulk_write_back_goes_in_chunks_and_a_newer_status_replaces_what_is_left(tmp_path):
-    import json
-    import time
-
-    from testsupport.ovsdb import Ovsdb
-    from ovs_ipsec.model import ChangeLog, GlobalConfig
-    from ovs_ipsec.ovsdb.reader import OvsdbReader
-    from ovs_ipsec.ovsdb.writer import InterfaceStatusWriter
-    from ovs_ipsec.status.snapshot import StatusSnapshot
-
     names = [f"t{i}" for i in range(5)]
-    db = Ovsdb(tmp_path)
-    db.start()
-    reader = OvsdbReader(db.remote)
-    try:
-        for name in names:
-            db.vsctl("add-port", "br-ipsec", name, "--", "set", "interface", name, "type=geneve",
-                     "options:remote_ip=10.0.0.2", "options:psk=x")
-
+    with _server_with_tunnels(tmp_path, *names) as (_db, reader, ids):
         def ours():
-            table = json.loads(db.vsctl("--format=json", "--columns=name,external_ids", "list", "interface"))
-            return {row[0]: {k: v for k, v in row[1][1] if k in OWNED_KEYS} for row in table["data"]
-                    if row[0] in names}
+            return {name: _ours(ids(name)) for name in names}
 
         writer = InterfaceStatusWriter(reader.idl, reader.remote, chunk=2)
         log = ChangeLog.start()
@@ -241,6 +212,3 @@ def test_a_bulk_write_back_goes_in_chunks_and_a_newer_status_replaces_what_is_le
         log = log.advance(statuses.keys())
         third = StatusSnapshot(statuses, GlobalConfig(), None, 1020.0, changes=log)
         _pump(reader, writer, third, lambda: ours() == {n: status_keys(statuses[n]) for n in names})
-    finally:
-        reader.close()
-        db.stop()
