@@ -71,8 +71,8 @@ class PipelinedBackend(Backend, Protocol):
     def apply_chains(self, chains: Sequence[Sequence[Action]], done: ActionDone) -> None:
         """Carry out each chain's actions in order, an action only once the one before it in its
         chain succeeded (a connection may follow its secret at once: a refused secret still stops
-        what comes after the connection); chains are independent of one another and may overlap. done(action, error)
-        for every action carried out or failed (error: BackendError, or anything a bug raised);
-        actions after a failure in their chain are not attempted and not reported. Raises
-        BackendError (transport) when the daemon stopped answering: what was not reported by
-        then did not finish."""
+        what comes after the connection); chains are independent of one another and may overlap.
+        done(action, error) for every action carried out or failed (error: BackendError, or
+        anything a bug raised); actions after a failure in their chain are not attempted and not
+        reported. Raises BackendError (transport) when the daemon stopped answering: what was not
+        reported by then did not finish."""

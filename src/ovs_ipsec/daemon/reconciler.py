@@ -199,8 +199,8 @@ class Reconciler:
         """The connections' children tried within their retry delay (those past it are forgotten).
 
         A retry that falls due while IKE SAs of ours are still being negotiated is held once, for
-        the connection's next backoff delay: it would compete with them for the IKE daemons on both ends (a key
-        exchange each), and the child failed already. Held once only, so a peer that never
+        the connection's next backoff delay: it would compete with them for the IKE daemons on both
+        ends (a key exchange each), and the child failed already. Held once only, so a peer that never
         answers (its IKE SA connecting for minutes) cannot hold the others' retries for long."""
         tried = {}
         connecting: bool | None = None  # asked once per pass, only when a retry falls due
@@ -208,19 +208,18 @@ class Reconciler:
             if name not in self._tried:
                 continue
             children, delay, until = self._tried[name]
-            if name not in self.desired.peerings:
-                pass
-            elif until is None or until > now:
-                tried[name] = children
-                continue
-            elif name not in self._held:
-                if connecting is None:
-                    connecting = self._ike_sas_connecting()
-                if connecting:  # (the connection's next backoff step: it is looked at again then)
-                    self._held.add(name)
-                    self._tried[name] = (children, delay, now + self._queue.failed(name, now))
+            if name in self.desired.peerings:
+                if until is None or until > now:
                     tried[name] = children
                     continue
+                if name not in self._held:
+                    if connecting is None:
+                        connecting = self._ike_sas_connecting()
+                    if connecting:  # (the connection's next backoff step: it is looked at again then)
+                        self._held.add(name)
+                        self._tried[name] = (children, delay, now + self._queue.failed(name, now))
+                        tried[name] = children
+                        continue
             self._tried.pop(name, None)
             self._held.discard(name)
         return tried

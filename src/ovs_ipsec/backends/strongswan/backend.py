@@ -41,6 +41,8 @@ T = TypeVar("T")
 # queued while we build more, small enough that a refusal stops its chain soon.
 PIPELINE_WINDOW = 64
 EVENT_TYPES = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"]
+# Within a chain, what comes after these is sent without waiting for their answer (apply_chains).
+FOLLOWED_AT_ONCE = (LoadSecret, UnloadSecret)
 
 
 def socket_path(uri: str) -> str:
@@ -210,7 +212,7 @@ class StrongSwanBackend:
                 done(action, refusal)
                 if refusal is not None:
                     stopped.add(entry.chain)  # what follows a sent connection still goes no further
-                elif entry.chain not in stopped and not isinstance(action, (LoadSecret, UnloadSecret)) \
+                elif entry.chain not in stopped and not isinstance(action, FOLLOWED_AT_ONCE) \
                         and entry.position + 1 < len(chains[entry.chain]):
                     # A chain under way goes on before new ones start: its connection is complete
                     # (and initiated) as soon as charon allows, not after every other one's loads.
@@ -240,7 +242,7 @@ class StrongSwanBackend:
                 for n, request in enumerate(requests):
                     self._send(request, idle=not in_flight)
                     in_flight.append(_InFlight(chain, position, request, last=n == len(requests) - 1))
-                if isinstance(action, (LoadSecret, UnloadSecret)) and position + 1 < len(chains[chain]):
+                if isinstance(action, FOLLOWED_AT_ONCE) and position + 1 < len(chains[chain]):
                     ready.appendleft((chain, position + 1))  # its connection next, without waiting
         except BaseException:
             if in_flight:
